@@ -1,0 +1,342 @@
+//! Privora's wire protocol: the JSON text frames a client and the server exchange over `/ws`.
+//!
+//! One crate for both sides so that the server, the load generator and the tests cannot drift
+//! apart. Field names follow the original Privora server exactly (`from`, `fromDisplayName`,
+//! `msg_id`, `userId`, ...): an existing client must work unchanged. Decoding of client frames
+//! is strict and explains itself (`DecodeError`), because every bad frame gets an `error` frame
+//! that a client developer should be able to act on.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Longest client `msg_id` we carry through (as JSON text). Clients use UUIDs or counters.
+pub const MAX_MSG_ID_LEN: usize = 128;
+
+/// A frame a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ClientFrame {
+    /// Must come first; `token` is a Firebase ID token (or a development token).
+    Login { token: String },
+    /// A one-to-one message. `msg_id` is the client's own id, carried through unchanged.
+    Message {
+        to: String,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        msg_id: Option<Value>,
+    },
+    /// Application-level keep-alive; answered by `pong`.
+    Ping,
+}
+
+/// Why a client frame could not be decoded. Each maps to an `error` frame code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not JSON, not an object, no `type`, or a field missing or of the wrong type.
+    BadFrame(String),
+    /// Well-formed, but a `type` this server does not handle. Never closes the connection:
+    /// newer clients send frame types (reactions, call signalling) that we may not know.
+    UnknownType(String),
+}
+
+impl DecodeError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::BadFrame(_) => ErrorCode::BadFrame,
+            DecodeError::UnknownType(_) => ErrorCode::UnknownType,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            DecodeError::BadFrame(reason) => reason.clone(),
+            DecodeError::UnknownType(ty) => format!("unknown frame type {ty:?}"),
+        }
+    }
+}
+
+impl ClientFrame {
+    /// Decodes one text frame, saying precisely what is wrong with it when it is not valid.
+    pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| DecodeError::BadFrame(format!("frame is not valid JSON: {e}")))?;
+        let Value::Object(mut fields) = value else {
+            return Err(DecodeError::BadFrame("frame must be a JSON object".into()));
+        };
+        let ty = match fields.get("type") {
+            Some(Value::String(ty)) => ty.clone(),
+            Some(_) => return Err(DecodeError::BadFrame("field \"type\" must be a string".into())),
+            None => return Err(DecodeError::BadFrame("frame has no \"type\" field".into())),
+        };
+        match ty.as_str() {
+            "login" => Ok(ClientFrame::Login { token: take_string(&mut fields, "token")? }),
+            "message" => {
+                let to = take_string(&mut fields, "to")?;
+                let message = take_string(&mut fields, "message")?;
+                let msg_id = match fields.remove("msg_id") {
+                    None | Some(Value::Null) => None,
+                    Some(id @ (Value::String(_) | Value::Number(_))) => {
+                        if id.to_string().len() > MAX_MSG_ID_LEN {
+                            return Err(DecodeError::BadFrame(format!(
+                                "field \"msg_id\" is longer than {MAX_MSG_ID_LEN} characters"
+                            )));
+                        }
+                        Some(id)
+                    }
+                    Some(_) => {
+                        return Err(DecodeError::BadFrame(
+                            "field \"msg_id\" must be a string or a number".into(),
+                        ))
+                    }
+                };
+                // `fromDisplayName` may be present (older clients send it); it is ignored: the
+                // sender's name comes from the verified token only.
+                Ok(ClientFrame::Message { to, message, msg_id })
+            }
+            "ping" => Ok(ClientFrame::Ping),
+            _ => Err(DecodeError::UnknownType(ty)),
+        }
+    }
+
+    /// Encodes the frame as a client sends it (used by the load generator and tests).
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("client frames always serialize")
+    }
+}
+
+fn take_string(fields: &mut Map<String, Value>, name: &str) -> Result<String, DecodeError> {
+    match fields.remove(name) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(DecodeError::BadFrame(format!("field {name:?} must be a string"))),
+        None => Err(DecodeError::BadFrame(format!("frame has no {name:?} field"))),
+    }
+}
+
+/// A frame the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerFrame {
+    /// A live message for this user.
+    Message(LiveMessage),
+    /// A message that waited while the user was away; sent right after login, oldest first.
+    Offline(OfflineMessage),
+    /// The user's latest messages plus everything still pending, oldest first; once per login.
+    History { messages: Vec<HistoryEntry> },
+    /// Every conversation partner. No other frame may have a top-level `contacts` field:
+    /// the original web client looks for it on every frame.
+    Contacts { contacts: Vec<Contact> },
+    /// A contact came online or went offline.
+    Presence {
+        #[serde(rename = "userId")]
+        user_id: String,
+        status: PresenceStatus,
+    },
+    /// Answer to a client `ping`.
+    Pong,
+    /// Something the client sent was refused; the connection stays open unless said otherwise.
+    Error { code: ErrorCode, message: String },
+}
+
+impl ServerFrame {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+
+    pub fn decode(text: &str) -> Result<ServerFrame, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+        ServerFrame::Error { code, message: message.into() }
+    }
+}
+
+/// `{"type":"message",...}` as a recipient gets it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveMessage {
+    pub from: String,
+    #[serde(rename = "fromDisplayName")]
+    pub from_display_name: String,
+    pub to: String,
+    pub message: String,
+    /// ISO 8601, UTC, millisecond precision (`2026-11-26T09:40:17.123Z`).
+    pub timestamp: String,
+    /// The server's id of the stored message.
+    pub id: i64,
+    /// The sender's own id for the message, unchanged, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<Value>,
+}
+
+/// `{"type":"offline",...}`: the original's fields plus our id and the client's `msg_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfflineMessage {
+    pub from: String,
+    pub to: String,
+    pub message: String,
+    pub timestamp: String,
+    pub id: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<Value>,
+}
+
+/// One message inside a `history` frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub from: String,
+    #[serde(rename = "fromDisplayName")]
+    pub from_display_name: String,
+    pub to: String,
+    pub message: String,
+    pub timestamp: String,
+    pub id: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<Value>,
+}
+
+/// A conversation partner, in `contacts` frames and `/search-users` results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    #[serde(rename = "userId")]
+    pub user_id: String,
+    #[serde(rename = "displayName")]
+    pub display_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceStatus {
+    Online,
+    Offline,
+}
+
+/// The `code` of an `error` frame. Stable strings: clients may switch on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// A frame other than `login` came before a successful login.
+    LoginRequired,
+    /// The login token failed verification; the connection is then closed with code 1008.
+    InvalidToken,
+    /// Not JSON, not an object, a field missing, empty, too long or of the wrong type.
+    BadFrame,
+    /// The frame is larger than the server's limit.
+    TooLarge,
+    /// A frame `type` the server does not handle.
+    UnknownType,
+    /// The recipient is not a known user.
+    UnknownRecipient,
+    /// Too many messages too fast; the message was not stored.
+    RateLimited,
+    /// The server could not store the message right now; it was not stored, send it again.
+    Unavailable,
+    /// A bug or an unexpected failure on the server; the message was not stored.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::LoginRequired => "login_required",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::UnknownRecipient => "unknown_recipient",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn decodes_the_original_frames() {
+        assert_eq!(
+            ClientFrame::decode(r#"{"type":"login","token":"abc"}"#),
+            Ok(ClientFrame::Login { token: "abc".into() })
+        );
+        assert_eq!(
+            ClientFrame::decode(
+                r#"{"type":"message","to":"b@x.io","message":"hi","fromDisplayName":"Mallory"}"#
+            ),
+            Ok(ClientFrame::Message { to: "b@x.io".into(), message: "hi".into(), msg_id: None })
+        );
+        assert_eq!(
+            ClientFrame::decode(r#"{"type":"message","to":"b","message":"hi","msg_id":"m-1"}"#),
+            Ok(ClientFrame::Message { to: "b".into(), message: "hi".into(), msg_id: Some(json!("m-1")) })
+        );
+        assert_eq!(ClientFrame::decode(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
+    }
+
+    #[test]
+    fn explains_bad_frames() {
+        let bad = |text: &str| match ClientFrame::decode(text) {
+            Err(DecodeError::BadFrame(reason)) => reason,
+            other => panic!("{text}: expected bad frame, got {other:?}"),
+        };
+        assert!(bad("not json").contains("not valid JSON"));
+        assert!(bad("[1,2]").contains("JSON object"));
+        assert!(bad(r#"{"to":"x"}"#).contains("no \"type\""));
+        assert!(bad(r#"{"type":7}"#).contains("\"type\" must be a string"));
+        assert!(bad(r#"{"type":"message","message":"hi"}"#).contains("\"to\""));
+        assert!(bad(r#"{"type":"message","to":"b","message":5}"#).contains("\"message\" must be a string"));
+        assert!(bad(r#"{"type":"message","to":"b","message":"m","msg_id":{}}"#).contains("msg_id"));
+        assert_eq!(
+            ClientFrame::decode(r#"{"type":"reaction","emoji":"+1"}"#),
+            Err(DecodeError::UnknownType("reaction".into()))
+        );
+    }
+
+    #[test]
+    fn server_frames_have_the_original_field_names() {
+        let frame = ServerFrame::Message(LiveMessage {
+            from: "a@x.io".into(),
+            from_display_name: "Alice".into(),
+            to: "b@x.io".into(),
+            message: "hi".into(),
+            timestamp: "2026-11-26T09:40:17.123Z".into(),
+            id: 7,
+            msg_id: None,
+        });
+        let value: Value = serde_json::from_str(&frame.encode()).unwrap();
+        assert_eq!(
+            value,
+            json!({"type":"message","from":"a@x.io","fromDisplayName":"Alice","to":"b@x.io",
+                   "message":"hi","timestamp":"2026-11-26T09:40:17.123Z","id":7})
+        );
+        let presence = ServerFrame::Presence { user_id: "a".into(), status: PresenceStatus::Online };
+        assert_eq!(presence.encode(), r#"{"type":"presence","userId":"a","status":"online"}"#);
+        assert_eq!(ServerFrame::Pong.encode(), r#"{"type":"pong"}"#);
+        assert_eq!(
+            ServerFrame::error(ErrorCode::BadFrame, "x").encode(),
+            r#"{"type":"error","code":"bad_frame","message":"x"}"#
+        );
+        let contacts = ServerFrame::Contacts {
+            contacts: vec![Contact { user_id: "a".into(), display_name: "A".into() }],
+        };
+        assert_eq!(contacts.encode(), r#"{"type":"contacts","contacts":[{"userId":"a","displayName":"A"}]}"#);
+    }
+
+    #[test]
+    fn error_code_strings_match_serde() {
+        for code in [
+            ErrorCode::LoginRequired,
+            ErrorCode::InvalidToken,
+            ErrorCode::BadFrame,
+            ErrorCode::TooLarge,
+            ErrorCode::UnknownType,
+            ErrorCode::UnknownRecipient,
+            ErrorCode::RateLimited,
+            ErrorCode::Unavailable,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Who is logging in: a `Verifier` turns a login token into a verified `Identity`.
+//!
+//! The identity is the only source of a user's id and display name: nothing a client writes in a
+//! frame can change who it is. `Verifier` is a closed enum rather than a trait object because
+//! the set of modes is fixed (development tokens now, Firebase ID tokens next) and a process runs
+//! exactly one of them.
+
+pub mod dev;
+
+use std::fmt;
+
+/// A verified user, as the token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Firebase uid (`sub`), or the development user id.
+    pub uid: String,
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+}
+
+impl Identity {
+    /// The id users address each other by: the email when the token has one, else the uid
+    /// (as the original server does).
+    pub fn user_id(&self) -> &str {
+        self.email.as_deref().unwrap_or(&self.uid)
+    }
+}
+
+/// Why a token was refused. The text is for the client developer: it says which rule failed
+/// and never echoes the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("token is malformed: {0}")]
+    Malformed(String),
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("token signature does not verify")]
+    BadSignature,
+    #[error("token algorithm {0} is not accepted")]
+    Algorithm(String),
+    #[error("token has the wrong audience (it was made for another project)")]
+    Audience,
+    #[error("token has the wrong issuer")]
+    Issuer,
+    #[error("token has no subject (user id)")]
+    Subject,
+    #[error("token was signed with an unknown key")]
+    UnknownKey,
+}
+
+/// The one verifier this process runs with.
+pub enum Verifier {
+    Development(dev::DevVerifier),
+}
+
+impl Verifier {
+    pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        match self {
+            Verifier::Development(v) => v.verify(token),
+        }
+    }
+
+    /// Words for the start-up log.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Verifier::Development(_) => "development tokens (made by `privora token`)",
+        }
+    }
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}

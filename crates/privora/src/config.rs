@@ -1,0 +1,280 @@
+//! Configuration: read once from flags, the environment and a `.env` file, validated at start.
+//!
+//! Every setting has a flag and an environment variable (`PRIVORA_*`); the original server's names
+//! (`DATABASE_URL`, `ALLOWED_ORIGIN`, `FIREBASE_ADMIN_CREDENTIALS_JSON`) are honoured as they are.
+//! `Settings` is what the user typed; `Config` is the checked result the server runs on, so a
+//! typo is reported before anything listens.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// The raw settings, shared by every subcommand that touches the database or tokens.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Where to listen for HTTP and WebSocket connections.
+    #[arg(long, env = "PRIVORA_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: String,
+
+    /// Database URL: `sqlite://FILE` (created if missing) or a plain file path.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://privora.db")]
+    pub database_url: String,
+
+    /// Origins allowed for browsers (CORS and the WebSocket `Origin` check), comma-separated;
+    /// `*` allows any. Same-origin pages are always allowed.
+    #[arg(long, env = "ALLOWED_ORIGIN", default_value = "http://localhost:3000")]
+    pub allowed_origin: String,
+
+    /// Path to a Firebase service-account JSON. When unset, the server runs in development
+    /// auth mode and accepts only tokens made by `privora token`.
+    #[arg(long, env = "FIREBASE_ADMIN_CREDENTIALS_JSON")]
+    pub firebase_credentials: Option<PathBuf>,
+
+    /// Secret for development tokens. When unset, one is created on first use and kept in a
+    /// file beside the database (`<database>.dev-secret`).
+    #[arg(long, env = "PRIVORA_DEV_SECRET", hide_env_values = true)]
+    pub dev_secret: Option<String>,
+
+    /// How many of the latest messages the `history` frame holds (pending ones come on top).
+    #[arg(long, env = "PRIVORA_HISTORY_LIMIT", default_value_t = 200)]
+    pub history_limit: u32,
+
+    /// Largest WebSocket text frame accepted, in bytes; larger ones get `too_large`.
+    #[arg(long, env = "PRIVORA_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Longest message text, in characters.
+    #[arg(long, env = "PRIVORA_MAX_MESSAGE_CHARS", default_value_t = 16 * 1024)]
+    pub max_message_chars: usize,
+
+    /// Seconds between server WebSocket pings (keep well under the proxy's idle timeout).
+    #[arg(long, env = "PRIVORA_PING_INTERVAL", default_value_t = 25)]
+    pub ping_interval: u64,
+
+    /// Seconds a new connection has to send `login`.
+    #[arg(long, env = "PRIVORA_LOGIN_TIMEOUT", default_value_t = 10)]
+    pub login_timeout: u64,
+
+    /// Messages a connection may send per second, sustained (0 = unlimited).
+    #[arg(long, env = "PRIVORA_RATE_LIMIT", default_value_t = 100)]
+    pub rate_limit: u32,
+
+    /// Messages a connection may send in a burst above the sustained rate.
+    #[arg(long, env = "PRIVORA_RATE_BURST", default_value_t = 200)]
+    pub rate_burst: u32,
+
+    /// Frames queued for one connection before it counts as a slow consumer and is cut off
+    /// (its messages stay pending and come again at its next login).
+    #[arg(long, env = "PRIVORA_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+
+    /// Connections in the database read pool.
+    #[arg(long, env = "PRIVORA_DB_READERS", default_value_t = 4)]
+    pub db_readers: u32,
+
+    /// Log filter, as `RUST_LOG` (e.g. `info`, `privora=debug`).
+    #[arg(long, env = "PRIVORA_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Which kind of database, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite { path: PathBuf },
+}
+
+/// How logins are verified. The two never mix in one process.
+#[derive(Debug, Clone)]
+pub enum AuthMode {
+    /// Tokens signed locally with a shared secret (`privora token`): for development and tests.
+    Development { secret: DevSecret },
+    /// Firebase ID tokens, with the service account at this path.
+    Firebase { credentials: PathBuf },
+}
+
+/// Where the development secret comes from.
+#[derive(Debug, Clone)]
+pub enum DevSecret {
+    Given(String),
+    File(PathBuf),
+}
+
+/// The validated configuration the server runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database: Database,
+    pub allowed_origins: AllowedOrigins,
+    pub auth: AuthMode,
+    pub history_limit: u32,
+    pub max_frame_bytes: usize,
+    pub max_message_chars: usize,
+    pub max_recipient_chars: usize,
+    pub ping_interval: Duration,
+    pub login_timeout: Duration,
+    pub rate_limit: Option<RateLimit>,
+    pub outbound_queue: usize,
+    pub db_readers: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// Browser origins that may use the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    Any,
+    List(Vec<String>),
+}
+
+impl AllowedOrigins {
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            AllowedOrigins::Any => true,
+            AllowedOrigins::List(list) => {
+                list.iter().any(|o| o.eq_ignore_ascii_case(origin.trim_end_matches('/')))
+            }
+        }
+    }
+}
+
+/// A setting that cannot be used, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("PRIVORA_LISTEN / --listen {0:?} is not an address like 127.0.0.1:8000")]
+    Listen(String),
+    #[error("DATABASE_URL {0:?} is not supported: use sqlite://FILE (PostgreSQL support is not built yet)")]
+    DatabaseUrl(String),
+    #[error("ALLOWED_ORIGIN entry {0:?} is not an origin like https://chat.example.com")]
+    Origin(String),
+    #[error("{name} must be {rule}, got {value}")]
+    Range { name: &'static str, rule: &'static str, value: String },
+    #[error("PRIVORA_DEV_SECRET must be at least 32 characters long")]
+    ShortSecret,
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let listen: SocketAddr =
+            self.listen.parse().map_err(|_| ConfigError::Listen(self.listen.clone()))?;
+        let database = parse_database_url(&self.database_url)?;
+        let allowed_origins = parse_origins(&self.allowed_origin)?;
+        let auth = match &self.firebase_credentials {
+            Some(path) => AuthMode::Firebase { credentials: path.clone() },
+            None => AuthMode::Development { secret: self.dev_secret_source(&database)? },
+        };
+        let range = |name, rule, ok: bool, value: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Range { name, rule, value })
+            }
+        };
+        range("PRIVORA_HISTORY_LIMIT", "between 0 and 10000", self.history_limit <= 10_000, self.history_limit.to_string())?;
+        range("PRIVORA_MAX_FRAME_BYTES", "between 1024 and 16777216", (1024..=16 << 20).contains(&self.max_frame_bytes), self.max_frame_bytes.to_string())?;
+        range("PRIVORA_MAX_MESSAGE_CHARS", "at least 1", self.max_message_chars >= 1, self.max_message_chars.to_string())?;
+        range("PRIVORA_PING_INTERVAL", "between 1 and 280 seconds", (1..=280).contains(&self.ping_interval), self.ping_interval.to_string())?;
+        range("PRIVORA_LOGIN_TIMEOUT", "between 1 and 300 seconds", (1..=300).contains(&self.login_timeout), self.login_timeout.to_string())?;
+        range("PRIVORA_OUTBOUND_QUEUE", "between 16 and 1000000", (16..=1_000_000).contains(&self.outbound_queue), self.outbound_queue.to_string())?;
+        range("PRIVORA_DB_READERS", "between 1 and 64", (1..=64).contains(&self.db_readers), self.db_readers.to_string())?;
+        let rate_limit = (self.rate_limit > 0).then(|| RateLimit {
+            per_second: self.rate_limit,
+            burst: self.rate_burst.max(1),
+        });
+        Ok(Config {
+            listen,
+            database,
+            allowed_origins,
+            auth,
+            history_limit: self.history_limit,
+            max_frame_bytes: self.max_frame_bytes,
+            max_message_chars: self.max_message_chars,
+            max_recipient_chars: 320,
+            ping_interval: Duration::from_secs(self.ping_interval),
+            login_timeout: Duration::from_secs(self.login_timeout),
+            rate_limit,
+            outbound_queue: self.outbound_queue,
+            db_readers: self.db_readers,
+        })
+    }
+
+    fn dev_secret_source(&self, database: &Database) -> Result<DevSecret, ConfigError> {
+        match &self.dev_secret {
+            Some(secret) if secret.len() < 32 => Err(ConfigError::ShortSecret),
+            Some(secret) => Ok(DevSecret::Given(secret.clone())),
+            None => {
+                let Database::Sqlite { path } = database;
+                let mut file = path.clone().into_os_string();
+                file.push(".dev-secret");
+                Ok(DevSecret::File(file.into()))
+            }
+        }
+    }
+}
+
+fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
+    let url = url.trim();
+    if let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        // sqlx and SQLAlchemy spell an absolute path `sqlite:////abs/path`; take both forms.
+        let path = rest.split('?').next().unwrap_or(rest);
+        if path.is_empty() || path == ":memory:" {
+            return Err(ConfigError::DatabaseUrl(url.to_string()));
+        }
+        let path = path.strip_prefix("//").map(|p| format!("/{p}")).unwrap_or(path.to_string());
+        return Ok(Database::Sqlite { path: PathBuf::from(path) });
+    }
+    if url.contains("://") || url.is_empty() {
+        return Err(ConfigError::DatabaseUrl(url.to_string()));
+    }
+    Ok(Database::Sqlite { path: PathBuf::from(url) })
+}
+
+fn parse_origins(list: &str) -> Result<AllowedOrigins, ConfigError> {
+    let entries: Vec<&str> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if entries.contains(&"*") {
+        return Ok(AllowedOrigins::Any);
+    }
+    let mut origins = Vec::new();
+    for entry in entries {
+        let origin = entry.trim_end_matches('/');
+        let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+            && !origin["https://".len().min(origin.len())..].contains('/');
+        if !valid {
+            return Err(ConfigError::Origin(entry.to_string()));
+        }
+        origins.push(origin.to_ascii_lowercase());
+    }
+    Ok(AllowedOrigins::List(origins))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls() {
+        assert_eq!(parse_database_url("sqlite://chat.db").unwrap(), Database::Sqlite { path: "chat.db".into() });
+        assert_eq!(parse_database_url("sqlite:///tmp/x.db").unwrap(), Database::Sqlite { path: "/tmp/x.db".into() });
+        assert_eq!(parse_database_url("sqlite:////tmp/x.db").unwrap(), Database::Sqlite { path: "/tmp/x.db".into() });
+        assert_eq!(parse_database_url("sqlite:./chat.db?mode=rwc").unwrap(), Database::Sqlite { path: "./chat.db".into() });
+        assert_eq!(parse_database_url("data/privora.db").unwrap(), Database::Sqlite { path: "data/privora.db".into() });
+        assert!(parse_database_url("mysql://x").is_err());
+        assert!(parse_database_url("sqlite::memory:").is_err());
+    }
+
+    #[test]
+    fn origins() {
+        let list = parse_origins("http://localhost:3000, https://Chat.Example.com/").unwrap();
+        assert!(list.allows("http://localhost:3000"));
+        assert!(list.allows("https://chat.example.com"));
+        assert!(!list.allows("https://evil.example.com"));
+        assert_eq!(parse_origins("*").unwrap(), AllowedOrigins::Any);
+        assert!(parse_origins("localhost:3000").is_err());
+        assert!(parse_origins("http://x.io/path").is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! Privora: a real-time one-to-one chat server, wire-compatible with the original Privora
+//! (FastAPI) backend. See ARCHITECTURE.md for the shape and docs/protocol.md for the protocol.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod server;
+pub mod session;
+pub mod store;
+
+pub use server::{start, RunningServer};

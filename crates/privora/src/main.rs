@@ -1,0 +1,143 @@
+//! The `privora` command: run the server, mint development tokens, migrate the database.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use privora::auth::dev::DevVerifier;
+use privora::config::{AuthMode, Settings};
+use privora::store::UserRecord;
+
+#[derive(Parser)]
+#[command(name = "privora", version, about = "Real-time chat backend, wire-compatible with Privora")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default when no command is given).
+    Serve,
+    /// Print a development token for USER_ID (an email or any id) and register the user,
+    /// so that others can message it before its first login.
+    Token {
+        user_id: String,
+        /// Display name carried by the token.
+        #[arg(long)]
+        name: Option<String>,
+        /// How long the token is valid, in hours.
+        #[arg(long, default_value_t = 24 * 30)]
+        ttl_hours: u64,
+    },
+    /// Create or update the database schema, then exit (`serve` does this by itself too).
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    // A missing .env is normal; a broken one is worth saying.
+    if let Err(error) = dotenvy::dotenv() {
+        if !error.not_found() {
+            eprintln!("privora: cannot read .env: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.settings.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("privora: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("privora: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.settings.validate()?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config).await,
+        Command::Token { user_id, name, ttl_hours } => {
+            let AuthMode::Development { secret } = &config.auth else {
+                anyhow::bail!(
+                    "FIREBASE_ADMIN_CREDENTIALS_JSON is set: this server accepts Firebase ID tokens only, \
+                     not development tokens"
+                );
+            };
+            if user_id.is_empty() || user_id.len() > 128 {
+                anyhow::bail!("USER_ID must be 1 to 128 characters");
+            }
+            let verifier = DevVerifier::new(secret)?;
+            let store = privora::server::open_store(&config).await?;
+            let email = user_id.contains('@').then(|| user_id.clone());
+            store.upsert_user(UserRecord { user_id: user_id.clone(), display_name: name.clone(), email }).await?;
+            store.close().await;
+            println!("{}", verifier.mint(&user_id, name.as_deref(), Duration::from_secs(ttl_hours * 3600)));
+            Ok(())
+        }
+        Command::Migrate => {
+            let store = privora::server::open_store(&config).await?;
+            store.close().await;
+            eprintln!("privora: the database schema is up to date");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: privora::config::Config) -> anyhow::Result<()> {
+    if let AuthMode::Development { .. } = config.auth {
+        tracing::warn!(
+            "DEVELOPMENT AUTH MODE: no FIREBASE_ADMIN_CREDENTIALS_JSON, so logins use tokens made by \
+             `privora token <user-id>`. Do not expose this server to the internet."
+        );
+    }
+    let mut server = privora::start(config.clone()).await?;
+    tracing::info!(
+        addr = %server.addr(),
+        database = ?config.database,
+        auth = ?server.state().verifier,
+        "privora is listening (WebSocket at /ws)"
+    );
+    tokio::select! {
+        result = server.wait() => {
+            result?;
+            return Ok(());
+        }
+        _ = shutdown_signal() => {}
+    }
+    tracing::info!("shutting down: closing connections, finishing writes");
+    server.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

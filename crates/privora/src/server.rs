@@ -1,0 +1,121 @@
+//! Builds the shared state and the HTTP server, runs it, and shuts it down gracefully:
+//! stop accepting, close every WebSocket with 1001, then finish every queued write.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::dev::{DevVerifier, SecretError};
+use crate::auth::Verifier;
+use crate::config::{AuthMode, Config, Database};
+use crate::hub::Hub;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+
+/// Everything a request or a session needs, shared by all of them.
+pub struct AppState {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub verifier: Verifier,
+    pub hub: Hub,
+    /// Cancelled when the server shuts down; sessions close with 1001.
+    pub shutdown: CancellationToken,
+    /// Every running session, so that shutdown can wait for them.
+    pub sessions: TaskTracker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "FIREBASE_ADMIN_CREDENTIALS_JSON is set ({0}), but Firebase token verification is not built yet; \
+         unset it to run in development auth mode"
+    )]
+    FirebaseNotBuilt(String),
+}
+
+/// A server that is listening.
+pub struct RunningServer {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    serve: JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the store, binds the listener and starts serving.
+pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    let verifier = match &config.auth {
+        AuthMode::Development { secret } => Verifier::Development(DevVerifier::new(secret)?),
+        AuthMode::Firebase { credentials } => {
+            return Err(StartError::FirebaseNotBuilt(credentials.display().to_string()))
+        }
+    };
+    let store = open_store(&config).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let state = Arc::new(AppState {
+        config,
+        store,
+        verifier,
+        hub: Hub::new(),
+        shutdown: CancellationToken::new(),
+        sessions: TaskTracker::new(),
+    });
+    let app = crate::api::router(state.clone());
+    let stop = state.shutdown.clone();
+    let serve = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    Ok(RunningServer { addr, state, serve })
+}
+
+/// Opens the configured database (creating and migrating it as needed).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    match &config.database {
+        Database::Sqlite { path } => Ok(Arc::new(SqliteStore::open(path, config.db_readers).await?)),
+    }
+}
+
+impl RunningServer {
+    /// The address actually bound (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Waits until the server stops by itself (it only does on a fatal listener error).
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        match (&mut self.serve).await {
+            Ok(result) => result,
+            Err(join) => Err(std::io::Error::other(join)),
+        }
+    }
+
+    /// Graceful shutdown: no new connections, sessions closed with 1001, writes finished.
+    pub async fn shutdown(self) {
+        let state = self.state;
+        state.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.serve).await;
+        state.sessions.close();
+        if tokio::time::timeout(Duration::from_secs(10), state.sessions.wait()).await.is_err() {
+            tracing::warn!("some sessions did not end within 10 s of shutdown");
+        }
+        state.store.close().await;
+    }
+}

@@ -1,0 +1,92 @@
+//! The store: where messages, delivery state and users live. The database is the truth.
+//!
+//! `Store` is the seam between the chat logic and a database; every implementation passes the
+//! same conformance tests (`tests/it/store.rs`). Writes are batched by one writer task per store
+//! (group commit): a caller hears back only after its write is committed.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use privora_protocol::Contact;
+use serde_json::Value;
+
+/// A message as a sender's session hands it to the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub sender: String,
+    pub sender_display_name: String,
+    pub recipient: String,
+    pub message: String,
+    pub msg_id: Option<Value>,
+}
+
+/// A committed message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub id: i64,
+    pub sender: String,
+    pub sender_display_name: String,
+    pub recipient: String,
+    pub message: String,
+    /// ISO 8601, UTC, milliseconds.
+    pub timestamp: String,
+    pub msg_id: Option<Value>,
+}
+
+/// A user as a login (or the directory) describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub user_id: String,
+    pub display_name: Option<String>,
+    pub email: Option<String>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0:?} is not a known user")]
+    UnknownRecipient(String),
+    /// The database cannot be reached or is busy; the operation did not happen.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Commits a message and marks it pending for its recipient. Fails with `UnknownRecipient`
+    /// when the recipient is not in the users table.
+    async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError>;
+
+    /// The recipient has these messages: they are no longer pending.
+    async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError>;
+
+    /// Every message still pending for `recipient`, oldest first.
+    async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// The `limit` latest messages `user` sent or received, plus every message still pending
+    /// for `user`, oldest first.
+    async fn history(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Every conversation partner of `user`, with display names from the users table.
+    async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError>;
+
+    /// Creates or refreshes a user (every login does).
+    async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError>;
+
+    /// Users whose display name contains `query` (case-insensitive), at most `limit`.
+    async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<Contact>, StoreError>;
+
+    /// Is the database reachable? (For `/readyz`.)
+    async fn check(&self) -> Result<(), StoreError>;
+
+    /// Finishes every queued write, then stops the writer. Later writes fail with `Closed`.
+    async fn close(&self);
+}
+
+/// The name shown for a user without a display name.
+pub fn display_name_or_id(display_name: Option<String>, user_id: &str) -> String {
+    display_name.filter(|n| !n.is_empty()).unwrap_or_else(|| user_id.to_string())
+}

@@ -1,0 +1,440 @@
+//! The SQLite store: the embedded default, one file, no server.
+//!
+//! WAL mode, `synchronous = FULL` (a committed message survives a power cut). All writes go
+//! through one writer task that owns the only writing connection and commits whatever has queued
+//! up in one transaction (group commit): many senders share one fsync, and no write ever waits
+//! on SQLite's lock. Reads go through a small pool of read-only connections, which WAL lets run
+//! beside the writer. sqlx runs each connection on its own thread, so nothing here blocks the
+//! async runtime.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use privora_protocol::Contact;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection, Row};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{display_name_or_id, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 1024;
+/// Known users and contact pairs the writer remembers, to skip lookups; cleared when full.
+const WRITER_CACHE: usize = 100_000;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+pub struct SqliteStore {
+    writes: mpsc::Sender<WriteOp>,
+    reads: SqlitePool,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum WriteOp {
+    Append(NewMessage, Reply<StoredMessage>),
+    Delivered { recipient: String, ids: Vec<i64>, reply: Reply<()> },
+    UpsertUser(UserRecord, Reply<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &Path, readers: u32) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("temp_store", "memory")
+            .disable_statement_logging();
+        let mut writer = options.connect().await.map_err(|e| {
+            StoreError::Unavailable(format!("cannot open the SQLite database {}: {e}", path.display()))
+        })?;
+        MIGRATOR
+            .run(&mut writer)
+            .await
+            .map_err(|e| StoreError::Database(format!("cannot migrate {}: {e}", path.display())))?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(readers)
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(from_sqlx)?;
+        let (writes, queue) = mpsc::channel(MAX_BATCH * 4);
+        let writer = tokio::spawn(run_writer(writer, queue));
+        Ok(SqliteStore { writes, reads, writer: Mutex::new(Some(writer)) })
+    }
+
+    async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
+        self.write(|reply| WriteOp::Append(message, reply)).await
+    }
+
+    async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let recipient = recipient.to_string();
+        self.write(|reply| WriteOp::Delivered { recipient, ids, reply }).await
+    }
+
+    async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT m.id, m.sender, m.sender_display_name, m.recipient, m.message, m.timestamp,
+                    m.client_msg_id
+             FROM pending p JOIN messages m ON m.id = p.message_id
+             WHERE p.recipient = ?1 ORDER BY p.message_id",
+        )
+        .bind(recipient)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(from_sqlx)?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    async fn history(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        // Each arm walks its index backwards and stops after `limit` rows, so the cost does not
+        // grow with the user's whole history.
+        let rows = sqlx::query(
+            "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
+             FROM messages WHERE id IN (
+                 SELECT id FROM (
+                     SELECT id FROM (SELECT id FROM messages WHERE sender = ?1
+                                     ORDER BY id DESC LIMIT ?2)
+                     UNION
+                     SELECT id FROM (SELECT id FROM messages WHERE recipient = ?1
+                                     ORDER BY id DESC LIMIT ?2)
+                     ORDER BY id DESC LIMIT ?2)
+                 UNION
+                 SELECT message_id FROM pending WHERE recipient = ?1)
+             ORDER BY id",
+        )
+        .bind(user)
+        .bind(limit)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(from_sqlx)?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT c.partner_id, u.display_name FROM contacts c
+             LEFT JOIN users u ON u.user_id = c.partner_id
+             WHERE c.user_id = ?1",
+        )
+        .bind(user)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(from_sqlx)?;
+        let mut contacts: Vec<Contact> = rows
+            .iter()
+            .map(|row| {
+                let user_id: String = row.get(0);
+                Contact { display_name: display_name_or_id(row.get(1), &user_id), user_id }
+            })
+            .collect();
+        contacts.sort_by(|a, b| a.display_name.to_lowercase().cmp(&b.display_name.to_lowercase()));
+        Ok(contacts)
+    }
+
+    async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
+        self.write(|reply| WriteOp::UpsertUser(user, reply)).await
+    }
+
+    async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<Contact>, StoreError> {
+        let query = query.trim();
+        // The trigram index needs at least three characters; shorter queries scan names with
+        // LIKE, which the LIMIT cuts short for the common letters people type first.
+        let rows = if query.chars().count() >= 3 {
+            sqlx::query(
+                "SELECT u.user_id, u.display_name FROM users_search s
+                 JOIN users u ON u.rowid = s.rowid
+                 WHERE users_search MATCH ?1 LIMIT ?2",
+            )
+            .bind(format!("\"{}\"", query.replace('"', "\"\"")))
+            .bind(limit)
+            .fetch_all(&self.reads)
+            .await
+        } else {
+            let escaped = query.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+            sqlx::query(
+                "SELECT user_id, display_name FROM users
+                 WHERE display_name LIKE ?1 ESCAPE '\\' LIMIT ?2",
+            )
+            .bind(format!("%{escaped}%"))
+            .bind(limit)
+            .fetch_all(&self.reads)
+            .await
+        }
+        .map_err(from_sqlx)?;
+        let mut users: Vec<Contact> = rows
+            .iter()
+            .map(|row| {
+                let user_id: String = row.get(0);
+                Contact { display_name: display_name_or_id(row.get(1), &user_id), user_id }
+            })
+            .collect();
+        users.sort_by(|a, b| a.display_name.to_lowercase().cmp(&b.display_name.to_lowercase()));
+        Ok(users)
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reads).await.map_err(from_sqlx)?;
+        if self.writes.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
+
+    async fn close(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.writes.send(WriteOp::Shutdown(done)).await.is_ok() {
+            let _ = finished.await;
+        }
+        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
+        self.reads.close().await;
+    }
+}
+
+fn message_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredMessage, StoreError> {
+    let msg_id: Option<String> = row.get(6);
+    Ok(StoredMessage {
+        id: row.get(0),
+        sender: row.get(1),
+        sender_display_name: row.get(2),
+        recipient: row.get(3),
+        message: row.get(4),
+        timestamp: row.get(5),
+        msg_id: msg_id.and_then(|text| serde_json::Value::from_str(&text).ok()),
+    })
+}
+
+/// Busy, locked, I/O and pool errors mean "try again later"; anything else is a real fault.
+fn from_sqlx(error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            StoreError::Unavailable(error.to_string())
+        }
+        sqlx::Error::Database(db)
+            if matches!(db.code().as_deref(), Some("5") | Some("6") | Some("10") | Some("13")) =>
+        {
+            StoreError::Unavailable(error.to_string())
+        }
+        _ => StoreError::Database(error.to_string()),
+    }
+}
+
+/// What the writer remembers between batches to skip lookups and no-op inserts.
+#[derive(Default)]
+struct WriterCache {
+    users: HashSet<String>,
+    contacts: HashSet<(String, String)>,
+}
+
+impl WriterCache {
+    fn trim(&mut self) {
+        if self.users.len() > WRITER_CACHE {
+            self.users.clear();
+        }
+        if self.contacts.len() > WRITER_CACHE {
+            self.contacts.clear();
+        }
+    }
+}
+
+/// Pending answers of one batch, sent only once the batch is committed.
+enum Outcome {
+    Append(Reply<StoredMessage>, Result<StoredMessage, StoreError>),
+    Done(Reply<()>, Result<(), StoreError>),
+}
+
+async fn run_writer(mut conn: SqliteConnection, mut queue: mpsc::Receiver<WriteOp>) {
+    let mut cache = WriterCache::default();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            break;
+        }
+        let mut shutdown = None;
+        let mut ops = Vec::with_capacity(batch.len());
+        for op in batch.drain(..) {
+            match op {
+                WriteOp::Shutdown(done) => shutdown = Some(done),
+                op if shutdown.is_none() => ops.push(op),
+                // Anything queued behind the shutdown is refused (its reply is dropped: Closed).
+                _ => {}
+            }
+        }
+        let outcomes = write_batch(&mut conn, &mut cache, ops).await;
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Append(reply, result) => {
+                    let _ = reply.send(result);
+                }
+                Outcome::Done(reply, result) => {
+                    let _ = reply.send(result);
+                }
+            }
+        }
+        cache.trim();
+        if let Some(done) = shutdown {
+            queue.close();
+            let _ = conn.close().await;
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// Runs every operation in one transaction. Per-operation refusals (an unknown recipient) do
+/// not spoil the batch; a database failure fails every operation in it, and none is committed.
+async fn write_batch(conn: &mut SqliteConnection, cache: &mut WriterCache, ops: Vec<WriteOp>) -> Vec<Outcome> {
+    if ops.is_empty() {
+        return Vec::new();
+    }
+    let timestamp = now_iso8601();
+    let mut outcomes = Vec::with_capacity(ops.len());
+    let result: Result<(), sqlx::Error> = async {
+        let mut tx = conn.begin().await?;
+        for op in ops {
+            match op {
+                WriteOp::Append(message, reply) => {
+                    let result = append_one(&mut tx, cache, message, &timestamp).await?;
+                    outcomes.push(Outcome::Append(reply, result));
+                }
+                WriteOp::Delivered { recipient, ids, reply } => {
+                    for id in ids {
+                        sqlx::query("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")
+                            .bind(&recipient)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    outcomes.push(Outcome::Done(reply, Ok(())));
+                }
+                WriteOp::UpsertUser(user, reply) => {
+                    sqlx::query(
+                        "INSERT INTO users (user_id, display_name, email, updated_at)
+                         VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (user_id) DO UPDATE SET
+                             display_name = excluded.display_name, email = excluded.email,
+                             updated_at = excluded.updated_at
+                         WHERE users.display_name IS NOT excluded.display_name
+                            OR users.email IS NOT excluded.email",
+                    )
+                    .bind(&user.user_id)
+                    .bind(&user.display_name)
+                    .bind(&user.email)
+                    .bind(&timestamp)
+                    .execute(&mut *tx)
+                    .await?;
+                    cache.users.insert(user.user_id);
+                    outcomes.push(Outcome::Done(reply, Ok(())));
+                }
+                WriteOp::Shutdown(_) => unreachable!("filtered out by run_writer"),
+            }
+        }
+        tx.commit().await
+    }
+    .await;
+    match result {
+        Ok(()) => outcomes,
+        Err(error) => {
+            let error = from_sqlx(error);
+            tracing::error!(%error, "a write batch failed; nothing in it was stored");
+            // The cache may name users or pairs whose insert was rolled back.
+            *cache = WriterCache::default();
+            outcomes
+                .into_iter()
+                .map(|outcome| match outcome {
+                    Outcome::Append(reply, _) => Outcome::Append(reply, Err(error.clone())),
+                    Outcome::Done(reply, _) => Outcome::Done(reply, Err(error.clone())),
+                })
+                .collect()
+        }
+    }
+}
+
+async fn append_one(
+    tx: &mut SqliteConnection,
+    cache: &mut WriterCache,
+    message: NewMessage,
+    timestamp: &str,
+) -> Result<Result<StoredMessage, StoreError>, sqlx::Error> {
+    if !cache.users.contains(&message.recipient) {
+        let known = sqlx::query("SELECT 1 FROM users WHERE user_id = ?1")
+            .bind(&message.recipient)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        if !known {
+            return Ok(Err(StoreError::UnknownRecipient(message.recipient)));
+        }
+        cache.users.insert(message.recipient.clone());
+    }
+    let msg_id = message.msg_id.as_ref().map(|v| v.to_string());
+    let id = sqlx::query(
+        "INSERT INTO messages (sender, sender_display_name, recipient, message, timestamp, client_msg_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .bind(&message.sender)
+    .bind(&message.sender_display_name)
+    .bind(&message.recipient)
+    .bind(&message.message)
+    .bind(timestamp)
+    .bind(&msg_id)
+    .execute(&mut *tx)
+    .await?
+    .last_insert_rowid();
+    sqlx::query("INSERT INTO pending (recipient, message_id) VALUES (?1, ?2)")
+        .bind(&message.recipient)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    let pair = (message.sender.clone(), message.recipient.clone());
+    if !cache.contacts.contains(&pair) {
+        sqlx::query("INSERT OR IGNORE INTO contacts (user_id, partner_id) VALUES (?1, ?2), (?2, ?1)")
+            .bind(&message.sender)
+            .bind(&message.recipient)
+            .execute(&mut *tx)
+            .await?;
+        cache.contacts.insert(pair);
+    }
+    Ok(Ok(StoredMessage {
+        id,
+        sender: message.sender,
+        sender_display_name: message.sender_display_name,
+        recipient: message.recipient,
+        message: message.message,
+        timestamp: timestamp.to_string(),
+        msg_id: message.msg_id,
+    }))
+}
+
+/// Now, as the protocol writes timestamps: ISO 8601, UTC, milliseconds, `Z`.
+pub fn now_iso8601() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
