@@ -229,19 +229,14 @@ impl AwaitingLogin {
         let contacts = state.store.contacts(&user_id).await?;
         let device = Device { conn: self.conn.id, queue: self.conn.out.clone(), cut_off: self.conn.cut_off.clone() };
         let first = state.hub.register(&user_id, device);
-        let online = Online {
-            state: state.clone(),
-            user_id: user_id.clone(),
-            conn: self.conn.id,
-            contacts: contacts.iter().map(|c| c.user_id.clone()).collect(),
-        };
+        let online = Online { state: state.clone(), user_id: user_id.clone(), conn: self.conn.id };
         let pending = state.store.pending(&user_id).await?;
         let history = state.store.history(&user_id, state.config.history_limit).await?;
+        if first {
+            Online::announce(state, &user_id, &contacts, PresenceStatus::Online);
+        }
         let burst = login_burst(&pending, &history, contacts, |user| state.hub.is_online(user));
         let _ = self.conn.out.send(Outbound::LoginBurst(burst)).await;
-        if first {
-            online.announce(PresenceStatus::Online);
-        }
         tracing::info!(conn = self.conn.id, user = %user_id, pending = pending.len(), "logged in");
         Ok((user_id, display_name, online))
     }
@@ -401,28 +396,39 @@ impl Active {
 }
 
 /// While it lives, the user has this connection in the hub; dropping it unregisters the
-/// connection and, if it was the user's last, tells the user's contacts.
+/// connection and, if it was the user's last, tells the user's contacts (read afresh from the
+/// store: conversations started during the session count too).
 struct Online {
     state: Arc<AppState>,
     user_id: String,
     conn: ConnId,
-    contacts: Vec<String>,
 }
 
 impl Online {
-    fn announce(&self, status: PresenceStatus) {
-        let frame = OutFrame::plain(ServerFrame::Presence { user_id: self.user_id.clone(), status }.encode());
-        for contact in self.contacts.iter().filter(|c| **c != self.user_id) {
-            self.state.hub.send(contact, &frame);
+    fn announce(state: &AppState, user_id: &str, contacts: &[Contact], status: PresenceStatus) {
+        let frame = OutFrame::plain(ServerFrame::Presence { user_id: user_id.to_string(), status }.encode());
+        for contact in contacts.iter().filter(|c| c.user_id != user_id) {
+            state.hub.send(&contact.user_id, &frame);
         }
     }
 }
 
 impl Drop for Online {
     fn drop(&mut self) {
-        if self.state.hub.unregister(&self.user_id, self.conn) {
-            self.announce(PresenceStatus::Offline);
+        if !self.state.hub.unregister(&self.user_id, self.conn) {
+            return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let state = self.state.clone();
+        let user_id = std::mem::take(&mut self.user_id);
+        runtime.spawn(async move {
+            match state.store.contacts(&user_id).await {
+                // Back already (another connection logged in meanwhile): say nothing.
+                Ok(_) if state.hub.is_online(&user_id) => {}
+                Ok(contacts) => Online::announce(&state, &user_id, &contacts, PresenceStatus::Offline),
+                Err(error) => tracing::warn!(%error, "could not read contacts for a presence change"),
+            }
+        });
     }
 }
 

@@ -146,7 +146,7 @@ mod tests {
         assert_eq!(id.user_id(), "alice@example.com");
         assert_eq!(id.display_name.as_deref(), Some("Alice"));
         let bare = v.verify(&v.mint("bob", None, Duration::from_secs(60))).unwrap();
-        assert_eq!((bare.user_id(), bare.email), ("bob", None));
+        assert_eq!((bare.user_id(), bare.email.as_deref()), ("bob", None));
     }
 
     #[test]

@@ -265,10 +265,16 @@ impl WriterCache {
     }
 }
 
-/// Pending answers of one batch, sent only once the batch is committed.
-enum Outcome {
-    Append(Reply<StoredMessage>, Result<StoredMessage, StoreError>),
-    Done(Reply<()>, Result<(), StoreError>),
+/// The answer owed to one operation of a batch, sent only once the batch is committed.
+enum Owed {
+    Message(Reply<StoredMessage>),
+    Unit(Reply<()>),
+}
+
+/// What one operation came to, if its statements ran.
+enum Done {
+    Message(Result<StoredMessage, StoreError>),
+    Unit,
 }
 
 async fn run_writer(mut conn: SqliteConnection, mut queue: mpsc::Receiver<WriteOp>) {
@@ -279,23 +285,57 @@ async fn run_writer(mut conn: SqliteConnection, mut queue: mpsc::Receiver<WriteO
             break;
         }
         let mut shutdown = None;
-        let mut ops = Vec::with_capacity(batch.len());
+        let mut work = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
         for op in batch.drain(..) {
             match op {
                 WriteOp::Shutdown(done) => shutdown = Some(done),
-                op if shutdown.is_none() => ops.push(op),
                 // Anything queued behind the shutdown is refused (its reply is dropped: Closed).
-                _ => {}
+                _ if shutdown.is_some() => {}
+                WriteOp::Append(message, reply) => {
+                    work.push(Work::Append(message));
+                    replies.push(Owed::Message(reply));
+                }
+                WriteOp::Delivered { recipient, ids, reply } => {
+                    work.push(Work::Delivered { recipient, ids });
+                    replies.push(Owed::Unit(reply));
+                }
+                WriteOp::UpsertUser(user, reply) => {
+                    work.push(Work::UpsertUser(user));
+                    replies.push(Owed::Unit(reply));
+                }
             }
         }
-        let outcomes = write_batch(&mut conn, &mut cache, ops).await;
-        for outcome in outcomes {
-            match outcome {
-                Outcome::Append(reply, result) => {
-                    let _ = reply.send(result);
+        match write_batch(&mut conn, &mut cache, work).await {
+            Ok(results) => {
+                for (reply, done) in replies.into_iter().zip(results) {
+                    match (reply, done) {
+                        (Owed::Message(reply), Done::Message(result)) => {
+                            let _ = reply.send(result);
+                        }
+                        (Owed::Unit(reply), _) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        (Owed::Message(reply), Done::Unit) => {
+                            let _ = reply.send(Err(StoreError::Database("writer mix-up".into())));
+                        }
+                    }
                 }
-                Outcome::Done(reply, result) => {
-                    let _ = reply.send(result);
+            }
+            Err(error) => {
+                let error = from_sqlx(error);
+                tracing::error!(%error, "a write batch failed; nothing in it was stored");
+                // The cache may name users or pairs whose insert was rolled back.
+                cache = WriterCache::default();
+                for reply in replies {
+                    match reply {
+                        Owed::Message(reply) => {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                        Owed::Unit(reply) => {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                    }
                 }
             }
         }
@@ -309,73 +349,64 @@ async fn run_writer(mut conn: SqliteConnection, mut queue: mpsc::Receiver<WriteO
     }
 }
 
+/// One operation of a batch, without its reply.
+enum Work {
+    Append(NewMessage),
+    Delivered { recipient: String, ids: Vec<i64> },
+    UpsertUser(UserRecord),
+}
+
 /// Runs every operation in one transaction. Per-operation refusals (an unknown recipient) do
 /// not spoil the batch; a database failure fails every operation in it, and none is committed.
-async fn write_batch(conn: &mut SqliteConnection, cache: &mut WriterCache, ops: Vec<WriteOp>) -> Vec<Outcome> {
-    if ops.is_empty() {
-        return Vec::new();
+async fn write_batch(
+    conn: &mut SqliteConnection,
+    cache: &mut WriterCache,
+    work: Vec<Work>,
+) -> Result<Vec<Done>, sqlx::Error> {
+    if work.is_empty() {
+        return Ok(Vec::new());
     }
     let timestamp = now_iso8601();
-    let mut outcomes = Vec::with_capacity(ops.len());
-    let result: Result<(), sqlx::Error> = async {
-        let mut tx = conn.begin().await?;
-        for op in ops {
-            match op {
-                WriteOp::Append(message, reply) => {
-                    let result = append_one(&mut tx, cache, message, &timestamp).await?;
-                    outcomes.push(Outcome::Append(reply, result));
+    let mut results = Vec::with_capacity(work.len());
+    let mut tx = conn.begin().await?;
+    for op in work {
+        match op {
+            Work::Append(message) => {
+                results.push(Done::Message(append_one(&mut tx, cache, message, &timestamp).await?));
+            }
+            Work::Delivered { recipient, ids } => {
+                for id in ids {
+                    sqlx::query("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")
+                        .bind(&recipient)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
                 }
-                WriteOp::Delivered { recipient, ids, reply } => {
-                    for id in ids {
-                        sqlx::query("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")
-                            .bind(&recipient)
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    outcomes.push(Outcome::Done(reply, Ok(())));
-                }
-                WriteOp::UpsertUser(user, reply) => {
-                    sqlx::query(
-                        "INSERT INTO users (user_id, display_name, email, updated_at)
-                         VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (user_id) DO UPDATE SET
-                             display_name = excluded.display_name, email = excluded.email,
-                             updated_at = excluded.updated_at
-                         WHERE users.display_name IS NOT excluded.display_name
-                            OR users.email IS NOT excluded.email",
-                    )
-                    .bind(&user.user_id)
-                    .bind(&user.display_name)
-                    .bind(&user.email)
-                    .bind(&timestamp)
-                    .execute(&mut *tx)
-                    .await?;
-                    cache.users.insert(user.user_id);
-                    outcomes.push(Outcome::Done(reply, Ok(())));
-                }
-                WriteOp::Shutdown(_) => unreachable!("filtered out by run_writer"),
+                results.push(Done::Unit);
+            }
+            Work::UpsertUser(user) => {
+                sqlx::query(
+                    "INSERT INTO users (user_id, display_name, email, updated_at)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (user_id) DO UPDATE SET
+                         display_name = excluded.display_name, email = excluded.email,
+                         updated_at = excluded.updated_at
+                     WHERE users.display_name IS NOT excluded.display_name
+                        OR users.email IS NOT excluded.email",
+                )
+                .bind(&user.user_id)
+                .bind(&user.display_name)
+                .bind(&user.email)
+                .bind(&timestamp)
+                .execute(&mut *tx)
+                .await?;
+                cache.users.insert(user.user_id);
+                results.push(Done::Unit);
             }
         }
-        tx.commit().await
     }
-    .await;
-    match result {
-        Ok(()) => outcomes,
-        Err(error) => {
-            let error = from_sqlx(error);
-            tracing::error!(%error, "a write batch failed; nothing in it was stored");
-            // The cache may name users or pairs whose insert was rolled back.
-            *cache = WriterCache::default();
-            outcomes
-                .into_iter()
-                .map(|outcome| match outcome {
-                    Outcome::Append(reply, _) => Outcome::Append(reply, Err(error.clone())),
-                    Outcome::Done(reply, _) => Outcome::Done(reply, Err(error.clone())),
-                })
-                .collect()
-        }
-    }
+    tx.commit().await?;
+    Ok(results)
 }
 
 async fn append_one(

@@ -1,0 +1,184 @@
+//! The protocol as a client lives it: log in, send, receive, see who is online.
+
+use privora_protocol::{Contact, ServerFrame};
+use serde_json::json;
+
+use crate::support::TestServer;
+
+#[tokio::test]
+async fn a_message_reaches_an_online_recipient_with_the_original_fields() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login_as("alice@example.com", Some("Alice")).await;
+    let (mut bob, _) = server.login_as("bob@example.com", Some("Bob")).await;
+
+    alice
+        .send_json(json!({"type": "message", "to": "bob@example.com", "message": "Hi there!", "msg_id": "c-1"}))
+        .await;
+    let frame = bob.recv_json().await;
+    assert_eq!(frame["type"], "message");
+    assert_eq!(frame["from"], "alice@example.com");
+    assert_eq!(frame["fromDisplayName"], "Alice");
+    assert_eq!(frame["to"], "bob@example.com");
+    assert_eq!(frame["message"], "Hi there!");
+    assert_eq!(frame["msg_id"], "c-1", "the client's msg_id is carried through unchanged");
+    assert!(frame["id"].as_i64().is_some_and(|id| id > 0));
+    let timestamp = frame["timestamp"].as_str().expect("timestamp is a string");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(timestamp).is_ok() && timestamp.ends_with('Z'),
+        "timestamp {timestamp} is ISO 8601 UTC"
+    );
+    // The sender hears nothing back: the original protocol has no acknowledgement.
+    alice.expect_silence().await;
+}
+
+#[tokio::test]
+async fn the_display_name_comes_from_the_token_not_the_frame() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login_as("alice@example.com", Some("Alice")).await;
+    let (mut bob, _) = server.login_as("bob@example.com", Some("Bob")).await;
+    alice
+        .send_json(json!({"type": "message", "to": "bob@example.com", "message": "hi", "fromDisplayName": "The Bank"}))
+        .await;
+    let frame = bob.recv_json().await;
+    assert_eq!(frame["fromDisplayName"], "Alice");
+    let (_, burst) = server.login("bob@example.com").await;
+    assert_eq!(burst.history.last().map(|m| m.from_display_name.as_str()), Some("Alice"));
+}
+
+#[tokio::test]
+async fn every_connection_of_a_user_receives_and_none_replaces_another() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice").await;
+    let (mut alice_phone, _) = server.login("alice").await;
+    let (mut bob_tab1, _) = server.login("bob").await;
+    let (mut bob_tab2, _) = server.login("bob").await;
+
+    alice.message("bob", "to both tabs").await;
+    for tab in [&mut bob_tab1, &mut bob_tab2] {
+        assert_eq!(tab.expect_type("message").await["message"], "to both tabs");
+    }
+    alice.sync().await;
+    // A user's own sent messages are not echoed to the user's other connections.
+    alice_phone.expect_silence().await;
+
+    // Except a message to oneself, which every connection of the user gets.
+    alice.message("alice", "note to self").await;
+    assert_eq!(alice.expect_type("message").await["message"], "note to self");
+    assert_eq!(alice_phone.expect_type("message").await["message"], "note to self");
+}
+
+#[tokio::test]
+async fn frames_sent_right_after_login_are_handled_in_order() {
+    let server = TestServer::start().await;
+    let (mut bob, _) = server.login("bob").await;
+    server.register("alice", Some("alice")).await;
+
+    let mut alice = server.connect().await;
+    // login, two messages and a ping in one go, before the server has answered anything.
+    alice.send_json(json!({"type": "login", "token": server.token("alice", Some("Alice"))})).await;
+    alice.message("bob", "one").await;
+    alice.message("bob", "two").await;
+    alice.send_json(json!({"type": "ping"})).await;
+    let burst = alice.login_burst_before_pong().await;
+    assert!(burst.iter().all(|f| f["type"] != "error"), "no frame was refused: {burst:?}");
+
+    assert_eq!(bob.expect_type("message").await["message"], "one");
+    assert_eq!(bob.expect_type("message").await["message"], "two");
+}
+
+#[tokio::test]
+async fn ping_gets_pong_and_unknown_frame_types_leave_the_connection_open() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice").await;
+    let (mut bob, _) = server.login("bob").await;
+    alice.send_json(json!({"type": "ping"})).await;
+    assert_eq!(alice.recv().await, ServerFrame::Pong);
+    // Frames newer clients send (reactions, call signalling) and ones nobody sends yet.
+    for ty in ["reaction", "signal_session_claim", "call_offer", "typing_v9"] {
+        alice.send_json(json!({"type": ty, "to": "bob", "emoji": "+1"})).await;
+        let message = alice.expect_error("unknown_type").await;
+        assert!(message.contains(ty), "{message}");
+    }
+    alice.message("bob", "still here").await;
+    assert_eq!(bob.expect_type("message").await["message"], "still here");
+}
+
+#[tokio::test]
+async fn the_login_burst_has_history_then_contacts_then_presence() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login_as("alice", Some("Alice")).await;
+    let (mut bob, _) = server.login_as("bob", Some("Bob")).await;
+    server.register("carol", Some("Carol")).await;
+    alice.message("bob", "1").await;
+    bob.expect_type("message").await;
+    bob.message("alice", "2").await;
+    alice.expect_type("message").await;
+    alice.message("carol", "3").await;
+    alice.sync().await;
+
+    let (_, burst) = server.login_as("alice", Some("Alice")).await;
+    let texts: Vec<&str> = burst.history.iter().map(|m| m.message.as_str()).collect();
+    assert_eq!(texts, ["1", "2", "3"], "history is oldest first");
+    assert_eq!(
+        burst.contacts,
+        vec![
+            Contact { user_id: "bob".into(), display_name: "Bob".into() },
+            Contact { user_id: "carol".into(), display_name: "Carol".into() },
+        ]
+    );
+    assert_eq!(burst.online, vec!["bob".to_string()], "presence for online contacts only");
+}
+
+#[tokio::test]
+async fn history_is_capped_but_keeps_every_pending_message() {
+    let server = TestServer::start_with(&["--history-limit", "3"]).await;
+    let (mut alice, _) = server.login("alice").await;
+    let (mut bob, _) = server.login("bob").await;
+    for i in 0..5 {
+        alice.message("bob", &format!("seen {i}")).await;
+        bob.expect_type("message").await;
+    }
+    bob.confirm_delivery().await; // those five are delivered now
+    bob.close().await;
+    for i in 0..4 {
+        alice.message("bob", &format!("missed {i}")).await;
+    }
+    alice.sync().await;
+
+    let (_, burst) = server.login("bob").await;
+    let offline: Vec<&str> = burst.offline.iter().map(|m| m.message.as_str()).collect();
+    assert_eq!(offline, ["missed 0", "missed 1", "missed 2", "missed 3"]);
+    let history: Vec<&str> = burst.history.iter().map(|m| m.message.as_str()).collect();
+    assert_eq!(history, ["missed 0", "missed 1", "missed 2", "missed 3"], "3 latest plus all pending");
+}
+
+#[tokio::test]
+async fn presence_goes_to_contacts_only() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice").await;
+    let (mut bob, _) = server.login("bob").await;
+    let (mut carol, _) = server.login("carol").await;
+    alice.message("bob", "hello").await; // alice and bob are contacts now; carol is no one's
+    bob.expect_type("message").await;
+    bob.close().await;
+    let offline = alice.expect_type("presence").await;
+    assert_eq!(offline, json!({"type": "presence", "userId": "bob", "status": "offline"}));
+
+    let (bob_again, burst) = server.login("bob").await;
+    assert_eq!(burst.online, vec!["alice".to_string()]);
+    let online = alice.expect_type("presence").await;
+    assert_eq!(online, json!({"type": "presence", "userId": "bob", "status": "online"}));
+    // A second connection of an online user changes nothing.
+    let (_bob_tab, _) = server.login("bob").await;
+    alice.expect_silence().await;
+    carol.expect_silence().await;
+    drop(bob_again);
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_with_going_away() {
+    let mut server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice").await;
+    server.stop().await;
+    assert_eq!(alice.expect_close().await, 1001);
+}

@@ -1,0 +1,123 @@
+//! Nothing is lost: messages wait for offline users, survive restarts, and count as delivered
+//! only once the client's stack has answered a ping sent after them.
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::TestServer;
+
+#[tokio::test]
+async fn offline_messages_come_at_the_next_login_in_order_exactly_once() {
+    let server = TestServer::start().await;
+    server.register("bob", Some("Bob")).await;
+    let (mut alice, _) = server.login_as("alice", Some("Alice")).await;
+    for i in 0..5 {
+        alice.send_json(json!({"type": "message", "to": "bob", "message": format!("m{i}"), "msg_id": i})).await;
+    }
+    alice.sync().await;
+
+    let (mut bob, burst) = server.login("bob").await;
+    let texts: Vec<&str> = burst.offline.iter().map(|m| m.message.as_str()).collect();
+    assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4"]);
+    let first = &burst.offline[0];
+    assert_eq!((first.from.as_str(), first.to.as_str()), ("alice", "bob"));
+    assert_eq!(first.msg_id, Some(json!(0)));
+    assert!(first.timestamp.ends_with('Z'));
+    // History holds them too, after the offline frames (the oldest clients only read history).
+    assert_eq!(burst.history.len(), 5);
+    bob.confirm_delivery().await;
+    bob.close().await;
+
+    let (_, burst) = server.login("bob").await;
+    assert!(burst.offline.is_empty(), "delivered once, not again: {:?}", burst.offline);
+    assert_eq!(burst.history.len(), 5, "history keeps delivered messages");
+}
+
+#[tokio::test]
+async fn pending_messages_survive_a_restart() {
+    let server = TestServer::start().await;
+    server.register("bob", None).await;
+    let (mut alice, _) = server.login("alice").await;
+    alice.message("bob", "before the restart").await;
+    alice.sync().await;
+    drop(alice);
+
+    let server = server.restart().await;
+    let (_, burst) = server.login("bob").await;
+    assert_eq!(burst.offline.len(), 1);
+    assert_eq!(burst.offline[0].message, "before the restart");
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_before_answering_the_ping_gets_the_messages_again() {
+    let server = TestServer::start().await;
+    server.register("bob", None).await;
+    let (mut alice, _) = server.login("alice").await;
+    alice.message("bob", "are you there?").await;
+    alice.sync().await;
+
+    // Bob reads his login burst, then his connection dies before his stack reads the ping
+    // that follows it: no pong ever reaches the server.
+    let mut bob = server.connect().await;
+    bob.send_json(json!({"type": "login", "token": server.token("bob", None)})).await;
+    let mut seen = Vec::new();
+    while let Some(Ok(message)) = bob.ws.next().await {
+        if let Message::Text(text) = message {
+            let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let ty = frame["type"].as_str().unwrap_or_default().to_string();
+            seen.push(ty.clone());
+            if ty == "contacts" {
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, ["offline", "history", "contacts"]);
+    drop(bob); // no close frame, no pong: the socket just goes
+
+    // He comes back: the message is still pending.
+    let (mut bob, burst) = server.login("bob").await;
+    assert_eq!(burst.offline.len(), 1, "not lost");
+    assert_eq!(burst.offline[0].message, "are you there?");
+    // This time his stack answers the ping: the message is delivered.
+    bob.confirm_delivery().await;
+    bob.close().await;
+    let (_, burst) = server.login("bob").await;
+    assert!(burst.offline.is_empty());
+}
+
+#[tokio::test]
+async fn a_live_message_to_a_dead_socket_stays_pending() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice").await;
+    let (mut bob, _) = server.login("bob").await;
+    // Bob's connection goes half dead: he stops reading. Whatever reaches his socket is not
+    // confirmed, so it must come again.
+    alice.message("bob", "into the void").await;
+    alice.sync().await;
+    let frame = bob.recv_json().await; // the frame arrives, but bob never reads the ping after it
+    assert_eq!(frame["message"], "into the void");
+    drop(bob);
+
+    let (_, burst) = server.login("bob").await;
+    assert_eq!(burst.offline.len(), 1);
+    assert_eq!(burst.offline[0].message, "into the void");
+}
+
+#[tokio::test]
+async fn live_messages_are_confirmed_by_the_pong() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice").await;
+    let (mut bob, _) = server.login("bob").await;
+    for i in 0..20 {
+        alice.message("bob", &format!("live {i}")).await;
+    }
+    for i in 0..20 {
+        assert_eq!(bob.expect_type("message").await["message"], format!("live {i}"));
+    }
+    bob.confirm_delivery().await;
+    bob.close().await;
+    let (_, burst) = server.login("bob").await;
+    assert!(burst.offline.is_empty(), "{:?}", burst.offline);
+    assert_eq!(burst.history.len(), 20);
+}

@@ -1,0 +1,106 @@
+//! The store's contract, checked directly: what every `Store` implementation must do.
+
+use privora::store::sqlite::SqliteStore;
+use privora::store::{NewMessage, Store, StoreError, UserRecord};
+use privora_protocol::Contact;
+use serde_json::json;
+
+async fn sqlite() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("store.db"), 2).await.unwrap();
+    (dir, store)
+}
+
+fn user(id: &str, name: Option<&str>) -> UserRecord {
+    UserRecord { user_id: id.into(), display_name: name.map(str::to_string), email: None }
+}
+
+fn message(from: &str, to: &str, text: &str) -> NewMessage {
+    NewMessage {
+        sender: from.into(),
+        sender_display_name: from.to_uppercase(),
+        recipient: to.into(),
+        message: text.into(),
+        msg_id: None,
+    }
+}
+
+async fn conformance(store: &dyn Store) {
+    for (id, name) in [("a", Some("Ann")), ("b", Some("Ben")), ("c", None)] {
+        store.upsert_user(user(id, name)).await.unwrap();
+    }
+    // Unknown recipients are refused and nothing is stored.
+    assert!(matches!(store.append(message("a", "zz", "x")).await, Err(StoreError::UnknownRecipient(r)) if r == "zz"));
+
+    let first = store.append(NewMessage { msg_id: Some(json!("m-1")), ..message("a", "b", "one") }).await.unwrap();
+    let second = store.append(message("c", "b", "two")).await.unwrap();
+    let third = store.append(message("b", "a", "three")).await.unwrap();
+    assert!(first.id < second.id && second.id < third.id);
+    assert_eq!(first.msg_id, Some(json!("m-1")));
+    assert!(chrono::DateTime::parse_from_rfc3339(&first.timestamp).is_ok());
+
+    let pending = store.pending("b").await.unwrap();
+    assert_eq!(pending, vec![first.clone(), second.clone()]);
+    store.mark_delivered("b", vec![first.id]).await.unwrap();
+    assert_eq!(store.pending("b").await.unwrap(), vec![second.clone()]);
+    // Marking twice, or someone else's message, changes nothing.
+    store.mark_delivered("b", vec![first.id]).await.unwrap();
+    store.mark_delivered("c", vec![second.id]).await.unwrap();
+    assert_eq!(store.pending("b").await.unwrap(), vec![second.clone()]);
+
+    let history: Vec<i64> = store.history("b", 10).await.unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(history, vec![first.id, second.id, third.id]);
+    let latest: Vec<i64> = store.history("b", 1).await.unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(latest, vec![second.id, third.id], "the latest one plus the pending one");
+    let none_but_pending: Vec<i64> = store.history("b", 0).await.unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(none_but_pending, vec![second.id]);
+
+    assert_eq!(
+        store.contacts("b").await.unwrap(),
+        vec![
+            Contact { user_id: "a".into(), display_name: "Ann".into() },
+            Contact { user_id: "c".into(), display_name: "c".into() },
+        ]
+    );
+    assert_eq!(store.contacts("a").await.unwrap(), vec![Contact { user_id: "b".into(), display_name: "Ben".into() }]);
+
+    store.upsert_user(user("b", Some("Benjamin"))).await.unwrap();
+    let found = store.search_users("JAM", 10).await.unwrap();
+    assert_eq!(found, vec![Contact { user_id: "b".into(), display_name: "Benjamin".into() }]);
+    assert!(store.search_users("Ben ", 10).await.unwrap().len() == 1);
+    assert!(store.search_users("xyz", 10).await.unwrap().is_empty());
+
+    store.check().await.unwrap();
+    store.close().await;
+    assert!(matches!(store.append(message("a", "b", "late")).await, Err(StoreError::Closed)));
+}
+
+#[tokio::test]
+async fn sqlite_store_conformance() {
+    let (_dir, store) = sqlite().await;
+    conformance(&store).await;
+}
+
+#[tokio::test]
+async fn concurrent_appends_are_all_committed_in_batches() {
+    let (_dir, store) = sqlite().await;
+    let store = std::sync::Arc::new(store);
+    store.upsert_user(user("r", None)).await.unwrap();
+    let mut tasks = Vec::new();
+    for s in 0..50 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                store.append(message(&format!("s{s}"), "r", &format!("{i}"))).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let pending = store.pending("r").await.unwrap();
+    assert_eq!(pending.len(), 1000);
+    let ids: std::collections::HashSet<i64> = pending.iter().map(|m| m.id).collect();
+    assert_eq!(ids.len(), 1000);
+    store.close().await;
+}
