@@ -230,6 +230,9 @@ pub enum ErrorCode {
     RateLimited,
     /// The server could not store the message right now; it was not stored, send it again.
     Unavailable,
+    /// The client did not read its frames fast enough; the server closes the connection
+    /// (code 1013) and the unread messages come again at the next login.
+    SlowConsumer,
     /// A bug or an unexpected failure on the server; the message was not stored.
     Internal,
 }
@@ -245,6 +248,7 @@ impl ErrorCode {
             ErrorCode::UnknownRecipient => "unknown_recipient",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::Internal => "internal",
         }
     }
@@ -334,6 +338,7 @@ mod tests {
             ErrorCode::UnknownRecipient,
             ErrorCode::RateLimited,
             ErrorCode::Unavailable,
+            ErrorCode::SlowConsumer,
             ErrorCode::Internal,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));

@@ -34,6 +34,8 @@ pub enum Error {
     BadRequest(String),
     #[error("origin {0:?} is not allowed (see ALLOWED_ORIGIN)")]
     ForbiddenOrigin(String),
+    #[error("you are not reading your frames fast enough; reconnect (unread messages come again)")]
+    SlowConsumer,
     #[error("the database is unavailable; nothing was stored, try again")]
     Unavailable,
     #[error("internal error; nothing was stored")]
@@ -51,6 +53,7 @@ impl Error {
             Error::UnknownRecipient(_) => ErrorCode::UnknownRecipient,
             Error::RateLimited(_) => ErrorCode::RateLimited,
             Error::Unavailable => ErrorCode::Unavailable,
+            Error::SlowConsumer => ErrorCode::SlowConsumer,
             Error::Internal => ErrorCode::Internal,
         }
     }
@@ -70,7 +73,7 @@ impl Error {
             Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::UnknownRecipient(_) => StatusCode::NOT_FOUND,
             Error::BadFrame(_) | Error::BadRequest(_) | Error::UnknownType(_) => StatusCode::BAD_REQUEST,
-            Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable | Error::SlowConsumer => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

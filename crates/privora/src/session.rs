@@ -19,7 +19,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use privora_protocol::{
-    ClientFrame, Contact, ErrorCode, HistoryEntry, LiveMessage, OfflineMessage, PresenceStatus,
+    ClientFrame, Contact, HistoryEntry, LiveMessage, OfflineMessage, PresenceStatus,
     ServerFrame,
 };
 use tokio::sync::mpsc;
@@ -508,10 +508,110 @@ enum Phase {
     Active { burst_ids: Vec<i64> },
 }
 
-/// The writer task: owns the sending half of the socket.
+/// What the writer does after a batch of queue items.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// The writer task's state: it owns the sending half of the socket.
+struct Writer {
+    sink: SplitSink<WebSocket, Message>,
+    tracker: Arc<Mutex<Tracker>>,
+    phase: Phase,
+    max_held: usize,
+    cut_off: CancellationToken,
+}
+
+fn close_frame(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: reason.into() }))
+}
+
+impl Writer {
+    /// Writes `first` and whatever else is queued (up to a batch), flushes, then sends a
+    /// delivery ping if message frames were written and no such ping is in flight.
+    async fn drain(&mut self, first: Outbound, queue: &mut mpsc::Receiver<Outbound>) -> Result<Flow, axum::Error> {
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(item) = next {
+            if let Flow::Stop = self.handle(item).await? {
+                return Ok(Flow::Stop);
+            }
+            written += 1;
+            next = if written < WRITE_BATCH { queue.try_recv().ok() } else { None };
+        }
+        self.sink.flush().await?;
+        let ping = {
+            let mut tracker = lock(&self.tracker);
+            tracker.wants_delivery_ping().then(|| tracker.ping())
+        };
+        if let Some(seq) = ping {
+            self.ping(seq).await?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn handle(&mut self, item: Outbound) -> Result<Flow, axum::Error> {
+        match item {
+            Outbound::Own(frame) => self.write(frame).await?,
+            Outbound::Routed(frame) => match &mut self.phase {
+                Phase::BeforeLogin { held } => {
+                    if held.len() >= self.max_held {
+                        self.cut_off.cancel();
+                    }
+                    held.push(frame);
+                }
+                Phase::Active { .. } => self.write_routed(frame).await?,
+            },
+            Outbound::LoginBurst(frames) => {
+                let mut burst_ids: Vec<i64> = frames.iter().filter_map(|f| f.delivers).collect();
+                burst_ids.sort_unstable();
+                for frame in frames {
+                    self.write(frame).await?;
+                }
+                if let Phase::BeforeLogin { held } = std::mem::replace(&mut self.phase, Phase::Active { burst_ids }) {
+                    for frame in held {
+                        self.write_routed(frame).await?;
+                    }
+                }
+            }
+            Outbound::PingNow => {}
+            Outbound::Close { code, reason } => {
+                self.sink.send(close_frame(code, &reason)).await?;
+                return Ok(Flow::Stop);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Writes a frame routed from elsewhere, unless the login burst already delivered it.
+    async fn write_routed(&mut self, frame: OutFrame) -> Result<(), axum::Error> {
+        if let (Phase::Active { burst_ids }, Some(id)) = (&self.phase, frame.delivers) {
+            if burst_ids.binary_search(&id).is_ok() {
+                return Ok(());
+            }
+        }
+        self.write(frame).await
+    }
+
+    async fn write(&mut self, frame: OutFrame) -> Result<(), axum::Error> {
+        self.sink.feed(Message::Text(frame.text)).await?;
+        if let Some(id) = frame.delivers {
+            lock(&self.tracker).unpinged.push(id);
+        }
+        Ok(())
+    }
+
+    async fn ping(&mut self, seq: u64) -> Result<(), axum::Error> {
+        self.sink.send(Message::Ping(seq.to_be_bytes().to_vec().into())).await
+    }
+}
+
+/// The writer task: writes queued frames, pings on a heartbeat, and stops on shutdown, on a
+/// cut-off, when the peer stops answering, or when every sender of the queue is gone.
 #[allow(clippy::too_many_arguments)]
 async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
+    sink: SplitSink<WebSocket, Message>,
     mut queue: mpsc::Receiver<Outbound>,
     tracker: Arc<Mutex<Tracker>>,
     cut_off: CancellationToken,
@@ -520,33 +620,31 @@ async fn write_loop(
     ping_interval: Duration,
     max_held: usize,
 ) {
-    let mut phase = Phase::BeforeLogin { held: Vec::new() };
+    let mut writer = Writer { sink, tracker, phase: Phase::BeforeLogin { held: Vec::new() }, max_held, cut_off: cut_off.clone() };
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let close = |code: u16, reason: &str| Message::Close(Some(CloseFrame { code, reason: reason.into() }));
     let result: Result<(), axum::Error> = async {
         loop {
             let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    sink.send(close(CLOSE_GOING_AWAY, "server shutting down")).await?;
+                    writer.sink.send(close_frame(CLOSE_GOING_AWAY, "server shutting down")).await?;
                     return Ok(());
                 }
                 _ = cut_off.cancelled() => {
-                    let error = ServerFrame::error(ErrorCode::Internal, "you are not reading fast enough; reconnect");
-                    sink.feed(Message::Text(error.encode().into())).await?;
-                    sink.send(close(CLOSE_TRY_AGAIN, "slow consumer")).await?;
+                    writer.sink.feed(Message::Text(Error::SlowConsumer.frame().encode().into())).await?;
+                    writer.sink.send(close_frame(CLOSE_TRY_AGAIN, "slow consumer")).await?;
                     return Ok(());
                 }
                 _ = heartbeat.tick() => {
-                    let silent = lock(&tracker).last_heard.elapsed();
+                    let silent = lock(&writer.tracker).last_heard.elapsed();
                     if silent > ping_interval * 2 {
                         tracing::info!(silent_ms = silent.as_millis() as u64, "peer stopped answering pings");
-                        sink.send(close(CLOSE_TRY_AGAIN, "no answer to pings")).await?;
+                        writer.sink.send(close_frame(CLOSE_TRY_AGAIN, "no answer to pings")).await?;
                         return Ok(());
                     }
-                    let seq = lock(&tracker).ping();
-                    sink.send(Message::Ping(seq.to_be_bytes().to_vec().into())).await?;
+                    let seq = lock(&writer.tracker).ping();
+                    writer.ping(seq).await?;
                     continue;
                 }
                 item = queue.recv() => match item {
@@ -554,53 +652,16 @@ async fn write_loop(
                     None => return Ok(()),
                 },
             };
-            let mut next = Some(first);
-            let mut written = 0;
-            while let Some(item) = next {
-                match item {
-                    Outbound::Own(frame) => write_frame(&mut sink, &tracker, frame).await?,
-                    Outbound::Routed(frame) => match &mut phase {
-                        Phase::BeforeLogin { held } => {
-                            if held.len() >= max_held {
-                                cut_off.cancel();
-                            }
-                            held.push(frame);
-                        }
-                        Phase::Active { burst_ids } => {
-                            let duplicate = frame.delivers.is_some_and(|id| burst_ids.binary_search(&id).is_ok());
-                            if !duplicate {
-                                write_frame(&mut sink, &tracker, frame).await?;
-                            }
-                        }
-                    },
-                    Outbound::LoginBurst(frames) => {
-                        let mut burst_ids: Vec<i64> = frames.iter().filter_map(|f| f.delivers).collect();
-                        burst_ids.sort_unstable();
-                        for frame in frames {
-                            write_frame(&mut sink, &tracker, frame).await?;
-                        }
-                        if let Phase::BeforeLogin { held } = std::mem::replace(&mut phase, Phase::Active { burst_ids }) {
-                            for frame in held {
-                                queue_again(&phase, &mut sink, &tracker, frame).await?;
-                            }
-                        }
-                    }
-                    Outbound::PingNow => {}
-                    Outbound::Close { code, reason } => {
-                        sink.send(close(code, &reason)).await?;
-                        return Ok(());
-                    }
-                }
-                written += 1;
-                next = if written < WRITE_BATCH { queue.try_recv().ok() } else { None };
-            }
-            sink.flush().await?;
-            let ping = {
-                let mut tracker = lock(&tracker);
-                tracker.wants_delivery_ping().then(|| tracker.ping())
+            // A write can block on a peer that does not read; a cut-off or a shutdown must
+            // still end the connection then (the unread messages stay pending).
+            let flow = tokio::select! {
+                biased;
+                _ = cut_off.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(()),
+                flow = writer.drain(first, &mut queue) => flow?,
             };
-            if let Some(seq) = ping {
-                sink.send(Message::Ping(seq.to_be_bytes().to_vec().into())).await?;
+            if let Flow::Stop = flow {
+                return Ok(());
             }
         }
     }
@@ -609,33 +670,6 @@ async fn write_loop(
         tracing::debug!(%error, "write failed; connection over");
     }
     ended.cancel();
-}
-
-/// Writes a held frame after the burst, unless the burst already delivered it.
-async fn queue_again(
-    phase: &Phase,
-    sink: &mut SplitSink<WebSocket, Message>,
-    tracker: &Mutex<Tracker>,
-    frame: OutFrame,
-) -> Result<(), axum::Error> {
-    if let Phase::Active { burst_ids } = phase {
-        if frame.delivers.is_some_and(|id| burst_ids.binary_search(&id).is_ok()) {
-            return Ok(());
-        }
-    }
-    write_frame(sink, tracker, frame).await
-}
-
-async fn write_frame(
-    sink: &mut SplitSink<WebSocket, Message>,
-    tracker: &Mutex<Tracker>,
-    frame: OutFrame,
-) -> Result<(), axum::Error> {
-    sink.feed(Message::Text(frame.text)).await?;
-    if let Some(id) = frame.delivers {
-        lock(tracker).unpinged.push(id);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -121,3 +121,47 @@ async fn live_messages_are_confirmed_by_the_pong() {
     assert!(burst.offline.is_empty(), "{:?}", burst.offline);
     assert_eq!(burst.history.len(), 20);
 }
+
+#[tokio::test]
+async fn a_slow_consumer_is_cut_off_and_loses_nothing() {
+    let server = TestServer::start_with(&["--outbound-queue", "16", "--rate-limit", "0"]).await;
+    let (mut alice, _) = server.login("alice").await;
+    let (mut bob, _) = server.login("bob").await;
+    // Bob stops reading; alice sends far more than his socket buffers and queue can hold.
+    let text = "x".repeat(8 * 1024);
+    for i in 0..1000 {
+        alice.message("bob", &format!("{i} {text}")).await;
+    }
+    alice.sync().await;
+    // The server cuts him off without waiting for him.
+    server.wait_until_offline("bob").await;
+    // When bob reads again, he finds what reached his socket, and then the end.
+    let mut received = Vec::new();
+    while let crate::support::Event::Text(frame) = bob.next_event().await {
+        let frame: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        if frame["type"] == "message" {
+            received.push(frame["message"].as_str().unwrap().split(' ').next().unwrap().parse::<usize>().unwrap());
+        }
+    }
+    assert!(received.len() < 1000, "the queue overflowed before everything was written");
+    // Whatever his stack did not confirm comes again, in order: together, all 1000.
+    let (_, burst) = server.login("bob").await;
+    let again: Vec<usize> =
+        burst.offline.iter().map(|m| m.message.split(' ').next().unwrap().parse().unwrap()).collect();
+    // Pings confirm a prefix of what was written: what comes again is all the rest, in order.
+    let first_again = again.first().copied().unwrap_or(1000);
+    assert!(first_again <= received.len(), "only what reached him can have been confirmed");
+    assert_eq!(again, (first_again..1000).collect::<Vec<_>>(), "nothing lost, in order");
+}
+
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_closed() {
+    let server = TestServer::start_with(&["--ping-interval", "1"]).await;
+    let (mut bob, _) = server.login("bob").await;
+    // Bob's stack does not read for a while, so it answers no ping: the server gives up on
+    // him after two silent intervals.
+    let _ = &mut bob;
+    server.wait_until_offline("bob").await;
+    assert!(matches!(bob.next_event().await, crate::support::Event::Closed(_)));
+}

@@ -115,6 +115,16 @@ impl TestServer {
             .expect("register user");
     }
 
+    /// Waits (up to the patience) until the server no longer has `user` online.
+    pub async fn wait_until_offline(&self, user: &str) {
+        let hub = &self.server().state().hub;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while hub.is_online(user) {
+            assert!(tokio::time::Instant::now() < deadline, "{user} is still online");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
