@@ -15,67 +15,67 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     /// Where to listen for HTTP and WebSocket connections.
-    #[arg(long, env = "PRIVORA_LISTEN", default_value = "127.0.0.1:8000")]
+    #[arg(long, global = true, env = "PRIVORA_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: String,
 
     /// Database URL: `sqlite://FILE` (created if missing) or a plain file path.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://privora.db")]
+    #[arg(long, global = true, env = "DATABASE_URL", default_value = "sqlite://privora.db")]
     pub database_url: String,
 
     /// Origins allowed for browsers (CORS and the WebSocket `Origin` check), comma-separated;
     /// `*` allows any. Same-origin pages are always allowed.
-    #[arg(long, env = "ALLOWED_ORIGIN", default_value = "http://localhost:3000")]
+    #[arg(long, global = true, env = "ALLOWED_ORIGIN", default_value = "http://localhost:3000")]
     pub allowed_origin: String,
 
     /// Path to a Firebase service-account JSON. When unset, the server runs in development
     /// auth mode and accepts only tokens made by `privora token`.
-    #[arg(long, env = "FIREBASE_ADMIN_CREDENTIALS_JSON")]
+    #[arg(long, global = true, env = "FIREBASE_ADMIN_CREDENTIALS_JSON")]
     pub firebase_credentials: Option<PathBuf>,
 
     /// Secret for development tokens. When unset, one is created on first use and kept in a
     /// file beside the database (`<database>.dev-secret`).
-    #[arg(long, env = "PRIVORA_DEV_SECRET", hide_env_values = true)]
+    #[arg(long, global = true, env = "PRIVORA_DEV_SECRET", hide_env_values = true)]
     pub dev_secret: Option<String>,
 
     /// How many of the latest messages the `history` frame holds (pending ones come on top).
-    #[arg(long, env = "PRIVORA_HISTORY_LIMIT", default_value_t = 200)]
+    #[arg(long, global = true, env = "PRIVORA_HISTORY_LIMIT", default_value_t = 200)]
     pub history_limit: u32,
 
     /// Largest WebSocket text frame accepted, in bytes; larger ones get `too_large`.
-    #[arg(long, env = "PRIVORA_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, global = true, env = "PRIVORA_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,
 
     /// Longest message text, in characters.
-    #[arg(long, env = "PRIVORA_MAX_MESSAGE_CHARS", default_value_t = 16 * 1024)]
+    #[arg(long, global = true, env = "PRIVORA_MAX_MESSAGE_CHARS", default_value_t = 16 * 1024)]
     pub max_message_chars: usize,
 
     /// Seconds between server WebSocket pings (keep well under the proxy's idle timeout).
-    #[arg(long, env = "PRIVORA_PING_INTERVAL", default_value_t = 25)]
+    #[arg(long, global = true, env = "PRIVORA_PING_INTERVAL", default_value_t = 25)]
     pub ping_interval: u64,
 
     /// Seconds a new connection has to send `login`.
-    #[arg(long, env = "PRIVORA_LOGIN_TIMEOUT", default_value_t = 10)]
+    #[arg(long, global = true, env = "PRIVORA_LOGIN_TIMEOUT", default_value_t = 10)]
     pub login_timeout: u64,
 
     /// Messages a connection may send per second, sustained (0 = unlimited).
-    #[arg(long, env = "PRIVORA_RATE_LIMIT", default_value_t = 100)]
+    #[arg(long, global = true, env = "PRIVORA_RATE_LIMIT", default_value_t = 100)]
     pub rate_limit: u32,
 
     /// Messages a connection may send in a burst above the sustained rate.
-    #[arg(long, env = "PRIVORA_RATE_BURST", default_value_t = 200)]
+    #[arg(long, global = true, env = "PRIVORA_RATE_BURST", default_value_t = 200)]
     pub rate_burst: u32,
 
     /// Frames queued for one connection before it counts as a slow consumer and is cut off
     /// (its messages stay pending and come again at its next login).
-    #[arg(long, env = "PRIVORA_OUTBOUND_QUEUE", default_value_t = 1024)]
+    #[arg(long, global = true, env = "PRIVORA_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
 
     /// Connections in the database read pool.
-    #[arg(long, env = "PRIVORA_DB_READERS", default_value_t = 4)]
+    #[arg(long, global = true, env = "PRIVORA_DB_READERS", default_value_t = 4)]
     pub db_readers: u32,
 
     /// Log filter, as `RUST_LOG` (e.g. `info`, `privora=debug`).
-    #[arg(long, env = "PRIVORA_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "PRIVORA_LOG", default_value = "info")]
     pub log: String,
 }
 

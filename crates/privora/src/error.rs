@@ -58,6 +58,15 @@ impl Error {
         }
     }
 
+    /// The `code` of a REST error body: the frame code, or a REST-only one.
+    pub fn rest_code(&self) -> &'static str {
+        match self {
+            Error::BadRequest(_) => "bad_request",
+            Error::ForbiddenOrigin(_) => "origin_not_allowed",
+            _ => self.code().as_str(),
+        }
+    }
+
     /// The protocol `error` frame for this error.
     pub fn frame(&self) -> ServerFrame {
         ServerFrame::error(self.code(), self.to_string())
@@ -111,12 +120,12 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let body = match &self {
             Error::InvalidToken(reason) => {
-                json!({"detail": "Invalid token", "code": self.code(), "reason": reason.to_string()})
+                json!({"detail": "Invalid token", "code": self.rest_code(), "reason": reason.to_string()})
             }
             Error::MissingToken => {
-                json!({"detail": "Invalid token", "code": self.code(), "reason": self.to_string()})
+                json!({"detail": "Invalid token", "code": self.rest_code(), "reason": self.to_string()})
             }
-            _ => json!({"detail": self.to_string(), "code": self.code()}),
+            _ => json!({"detail": self.to_string(), "code": self.rest_code()}),
         };
         (self.status(), Json(body)).into_response()
     }

@@ -47,7 +47,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.settings.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -78,8 +82,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if user_id.is_empty() || user_id.len() > 128 {
                 anyhow::bail!("USER_ID must be 1 to 128 characters");
             }
-            let verifier = DevVerifier::new(secret)?;
             let store = privora::server::open_store(&config).await?;
+            let verifier = DevVerifier::new(secret)?;
             let email = user_id.contains('@').then(|| user_id.clone());
             store.upsert_user(UserRecord { user_id: user_id.clone(), display_name: name.clone(), email }).await?;
             store.close().await;

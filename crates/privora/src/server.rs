@@ -53,13 +53,14 @@ pub struct RunningServer {
 
 /// Opens the store, binds the listener and starts serving.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    // The store first: it creates the database's folder, where the development secret lives.
+    let store = open_store(&config).await?;
     let verifier = match &config.auth {
         AuthMode::Development { secret } => Verifier::Development(DevVerifier::new(secret)?),
         AuthMode::Firebase { credentials } => {
             return Err(StartError::FirebaseNotBuilt(credentials.display().to_string()))
         }
     };
-    let store = open_store(&config).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind { addr: config.listen, source })?;

@@ -77,6 +77,7 @@ async fn search_users_results_are_capped() {
         let (status, body) = server.get(&format!("/search-users?q=member&{bad}"), Some(&token)).await;
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body["detail"].as_str().unwrap().contains("limit"));
+        assert_eq!(body["code"], "bad_request");
     }
     for empty in ["/search-users", "/search-users?q=", "/search-users?q=%20"] {
         let (status, body) = server.get(empty, Some(&token)).await;
@@ -150,7 +151,7 @@ async fn websockets_from_foreign_origins_are_refused() {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 403);
             let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
-            assert!(body.contains("not allowed"), "{body}");
+            assert!(body.contains("not allowed") && body.contains("origin_not_allowed"), "{body}");
         }
         other => panic!("a foreign origin must be refused, got {:?}", other.map(|_| ())),
     }
