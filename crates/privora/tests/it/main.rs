@@ -6,5 +6,6 @@ mod support;
 mod chat;
 mod delivery;
 mod errors;
+mod firebase_tokens;
 mod rest;
 mod store;
