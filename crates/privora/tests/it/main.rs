@@ -6,6 +6,7 @@ mod support;
 mod chat;
 mod delivery;
 mod errors;
+mod firebase_emulator;
 mod firebase_tokens;
 mod rest;
 mod store;

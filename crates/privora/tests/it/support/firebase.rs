@@ -311,3 +311,21 @@ impl super::TestServer {
         }
     }
 }
+
+impl super::TestServer {
+    /// Connects and logs in with this ID token, reading the login burst.
+    pub async fn login_with_token(&self, token: &str) -> (super::Client, super::Burst) {
+        let mut client = self.connect().await;
+        client.send_json(json!({"type": "login", "token": token})).await;
+        let burst = client.login_burst().await;
+        (client, burst)
+    }
+
+    /// Waits until `more` directory syncs have completed after this call began (two guarantee
+    /// that one started after it).
+    pub async fn wait_for_syncs(&self, more: u64) {
+        let directory = self.server().state().directory.clone().expect("a server in Firebase mode");
+        let target = directory.completed_syncs() + more;
+        self.wait_for_readyz(|_| directory.completed_syncs() >= target).await;
+    }
+}
