@@ -95,7 +95,7 @@ pub struct Settings {
 
     /// Refuse tokens of disabled users and tokens issued before a revocation (one Admin API
     /// lookup per user, cached briefly).
-    #[arg(long, env = "PRIVORA_CHECK_REVOKED", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    #[arg(long, env = "PRIVORA_CHECK_REVOKED", value_parser = clap::builder::BoolishValueParser::new())]
     pub check_revoked: bool,
 
     /// Seconds between syncs of the user directory from Firebase (0 = only at start).
@@ -353,5 +353,32 @@ mod tests {
         assert_eq!(parse_origins("*").unwrap(), AllowedOrigins::Any);
         assert!(parse_origins("localhost:3000").is_err());
         assert!(parse_origins("http://x.io/path").is_err());
+    }
+
+    #[test]
+    fn firebase_mode() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["privora", "--database-url", "sqlite://x.db"];
+            argv.extend_from_slice(args);
+            <Flags as clap::Parser>::try_parse_from(argv).expect("flags").settings.validate()
+        };
+        let emulator = ["--firebase-auth-emulator-host", "127.0.0.1:9099"];
+        assert!(matches!(parse(&emulator), Err(ConfigError::EmulatorProject)));
+        let config = parse(&[&emulator[..], &["--firebase-project-id", "demo-x", "--check-revoked"]].concat()).unwrap();
+        let AuthMode::Firebase(firebase) = config.auth else { panic!("not Firebase mode") };
+        assert_eq!(firebase.project_id.as_deref(), Some("demo-x"));
+        assert!(firebase.check_revoked && firebase.credentials.is_none());
+        assert!(matches!(
+            parse(&["--firebase-auth-emulator-host", "http://x", "--firebase-project-id", "p"]),
+            Err(ConfigError::EmulatorHost(_))
+        ));
+        let production = parse(&["--firebase-credentials", "/etc/sa.json", "--directory-sync", "0"]).unwrap();
+        let AuthMode::Firebase(firebase) = production.auth else { panic!("not Firebase mode") };
+        assert_eq!(firebase.directory_sync, None);
     }
 }

@@ -59,6 +59,12 @@ impl Firebase {
             config.emulator_host.is_some(),
             config.check_revoked.then(|| admin.clone()),
         );
+        tracing::info!(
+            project = admin.project_id(),
+            check_revoked = config.check_revoked,
+            directory_sync_seconds = config.directory_sync.map(|d| d.as_secs()),
+            "Firebase mode"
+        );
         Ok(Firebase { verifier, admin })
     }
 }
