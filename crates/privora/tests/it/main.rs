@@ -7,6 +7,7 @@ mod chat;
 mod delivery;
 mod errors;
 mod firebase_emulator;
+mod firebase_oauth;
 mod firebase_tokens;
 mod rest;
 mod store;
