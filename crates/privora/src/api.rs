@@ -136,10 +136,17 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready: the database answers.
+/// Ready: the database answers. In Firebase mode it also says how old the last directory sync
+/// is (search answers from it; a failing sync does not make the server unready).
 async fn readyz(State(state): State<SharedState>) -> Response {
     match state.store.check().await {
-        Ok(()) => Json(json!({"status": "ready", "online_users": state.hub.online_users()})).into_response(),
+        Ok(()) => {
+            let mut body = json!({"status": "ready", "online_users": state.hub.online_users()});
+            if let Some(directory) = &state.directory {
+                body["directory"] = directory.report();
+            }
+            Json(body).into_response()
+        }
         Err(error) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "unavailable", "reason": error.to_string()})),

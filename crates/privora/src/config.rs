@@ -74,6 +74,34 @@ pub struct Settings {
     #[arg(long, global = true, env = "PRIVORA_DB_READERS", default_value_t = 4)]
     pub db_readers: u32,
 
+    // --- Firebase (docs/firebase.md) ---------------------------------------------------------
+    /// Host:port of the Firebase Auth Emulator. When set, the server runs in Firebase mode
+    /// against the emulator: unsigned emulator tokens are accepted. Never set it in production.
+    #[arg(long, env = "FIREBASE_AUTH_EMULATOR_HOST")]
+    pub firebase_auth_emulator_host: Option<String>,
+
+    /// Firebase project id, when there is no credentials file (emulator only); the credentials'
+    /// `project_id` wins otherwise.
+    #[arg(long, env = "FIREBASE_PROJECT_ID")]
+    pub firebase_project_id: Option<String>,
+
+    /// Fallback for the project id, as the Admin SDKs read it.
+    #[arg(long, env = "GOOGLE_CLOUD_PROJECT", hide = true)]
+    pub google_cloud_project: Option<String>,
+
+    /// Where Google's token-signing certificates are fetched from (x509, JSON by key id).
+    #[arg(long, env = "PRIVORA_FIREBASE_CERTS_URL", default_value = crate::auth::firebase::GOOGLE_CERTS_URL)]
+    pub firebase_certs_url: String,
+
+    /// Refuse tokens of disabled users and tokens issued before a revocation (one Admin API
+    /// lookup per user, cached briefly).
+    #[arg(long, env = "PRIVORA_CHECK_REVOKED", value_parser = clap::builder::BoolishValueParser::new())]
+    pub check_revoked: bool,
+
+    /// Seconds between syncs of the user directory from Firebase (0 = only at start).
+    #[arg(long, env = "PRIVORA_DIRECTORY_SYNC", default_value_t = 300)]
+    pub directory_sync: u64,
+
     /// Log filter, as `RUST_LOG` (e.g. `info`, `privora=debug`).
     #[arg(long, global = true, env = "PRIVORA_LOG", default_value = "info")]
     pub log: String,
@@ -90,8 +118,23 @@ pub enum Database {
 pub enum AuthMode {
     /// Tokens signed locally with a shared secret (`privora token`): for development and tests.
     Development { secret: DevSecret },
-    /// Firebase ID tokens, with the service account at this path.
-    Firebase { credentials: PathBuf },
+    /// Firebase ID tokens (and the Firebase user directory).
+    Firebase(FirebaseConfig),
+}
+
+/// Firebase mode: where the service account is, or the emulator.
+#[derive(Debug, Clone)]
+pub struct FirebaseConfig {
+    /// The service-account JSON; required unless `emulator_host` is set.
+    pub credentials: Option<PathBuf>,
+    /// The Auth Emulator's host:port: unsigned emulator tokens are accepted.
+    pub emulator_host: Option<String>,
+    /// The project id from the environment (the credentials' `project_id` wins).
+    pub project_id: Option<String>,
+    pub certs_url: String,
+    pub check_revoked: bool,
+    /// Time between directory syncs; `None` = only at start.
+    pub directory_sync: Option<Duration>,
 }
 
 /// Where the development secret comes from.
@@ -156,6 +199,13 @@ pub enum ConfigError {
     Range { name: &'static str, rule: &'static str, value: String },
     #[error("PRIVORA_DEV_SECRET must be at least 32 characters long")]
     ShortSecret,
+    #[error(
+        "FIREBASE_AUTH_EMULATOR_HOST is set but no project is named: set FIREBASE_PROJECT_ID \
+         (e.g. demo-privora) or FIREBASE_ADMIN_CREDENTIALS_JSON"
+    )]
+    EmulatorProject,
+    #[error("FIREBASE_AUTH_EMULATOR_HOST {0:?} is not a host:port like 127.0.0.1:9099")]
+    EmulatorHost(String),
 }
 
 impl Settings {
@@ -164,8 +214,8 @@ impl Settings {
             self.listen.parse().map_err(|_| ConfigError::Listen(self.listen.clone()))?;
         let database = parse_database_url(&self.database_url)?;
         let allowed_origins = parse_origins(&self.allowed_origin)?;
-        let auth = match &self.firebase_credentials {
-            Some(path) => AuthMode::Firebase { credentials: path.clone() },
+        let auth = match self.firebase_config()? {
+            Some(firebase) => AuthMode::Firebase(firebase),
             None => AuthMode::Development { secret: self.dev_secret_source(&database)? },
         };
         let range = |name, rule, ok: bool, value: String| {
@@ -201,6 +251,33 @@ impl Settings {
             outbound_queue: self.outbound_queue,
             db_readers: self.db_readers,
         })
+    }
+
+    /// Firebase mode when credentials or the emulator are configured; `None` = development mode.
+    fn firebase_config(&self) -> Result<Option<FirebaseConfig>, ConfigError> {
+        let nonempty = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
+        let emulator_host = nonempty(&self.firebase_auth_emulator_host);
+        if self.firebase_credentials.is_none() && emulator_host.is_none() {
+            return Ok(None);
+        }
+        if let Some(host) = &emulator_host {
+            let port = host.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
+            if host.contains('/') || !matches!(port, Some(Ok(_))) {
+                return Err(ConfigError::EmulatorHost(host.clone()));
+            }
+        }
+        let project_id = nonempty(&self.firebase_project_id).or_else(|| nonempty(&self.google_cloud_project));
+        if self.firebase_credentials.is_none() && project_id.is_none() {
+            return Err(ConfigError::EmulatorProject);
+        }
+        Ok(Some(FirebaseConfig {
+            credentials: self.firebase_credentials.clone(),
+            emulator_host,
+            project_id,
+            certs_url: self.firebase_certs_url.clone(),
+            check_revoked: self.check_revoked,
+            directory_sync: (self.directory_sync > 0).then(|| Duration::from_secs(self.directory_sync)),
+        }))
     }
 
     fn dev_secret_source(&self, database: &Database) -> Result<DevSecret, ConfigError> {
@@ -276,5 +353,32 @@ mod tests {
         assert_eq!(parse_origins("*").unwrap(), AllowedOrigins::Any);
         assert!(parse_origins("localhost:3000").is_err());
         assert!(parse_origins("http://x.io/path").is_err());
+    }
+
+    #[test]
+    fn firebase_mode() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["privora", "--database-url", "sqlite://x.db"];
+            argv.extend_from_slice(args);
+            <Flags as clap::Parser>::try_parse_from(argv).expect("flags").settings.validate()
+        };
+        let emulator = ["--firebase-auth-emulator-host", "127.0.0.1:9099"];
+        assert!(matches!(parse(&emulator), Err(ConfigError::EmulatorProject)));
+        let config = parse(&[&emulator[..], &["--firebase-project-id", "demo-x", "--check-revoked"]].concat()).unwrap();
+        let AuthMode::Firebase(firebase) = config.auth else { panic!("not Firebase mode") };
+        assert_eq!(firebase.project_id.as_deref(), Some("demo-x"));
+        assert!(firebase.check_revoked && firebase.credentials.is_none());
+        assert!(matches!(
+            parse(&["--firebase-auth-emulator-host", "http://x", "--firebase-project-id", "p"]),
+            Err(ConfigError::EmulatorHost(_))
+        ));
+        let production = parse(&["--firebase-credentials", "/etc/sa.json", "--directory-sync", "0"]).unwrap();
+        let AuthMode::Firebase(firebase) = production.auth else { panic!("not Firebase mode") };
+        assert_eq!(firebase.directory_sync, None);
     }
 }

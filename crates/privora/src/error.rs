@@ -17,7 +17,7 @@ pub enum Error {
     #[error("no login within {0} seconds")]
     LoginTimeout(u64),
     #[error("invalid token: {0}")]
-    InvalidToken(#[from] AuthError),
+    InvalidToken(AuthError),
     #[error("missing token: send the header Authorization: Bearer <ID token>")]
     MissingToken,
     #[error("{0}")]
@@ -84,6 +84,20 @@ impl Error {
             Error::BadFrame(_) | Error::BadRequest(_) | Error::UnknownType(_) => StatusCode::BAD_REQUEST,
             Error::Unavailable | Error::SlowConsumer => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// A token the server cannot check right now is `unavailable` (try again), not `invalid_token`
+/// (which clients answer by signing out).
+impl From<AuthError> for Error {
+    fn from(error: AuthError) -> Error {
+        match error {
+            AuthError::Unavailable(reason) => {
+                tracing::warn!(%reason, "token verification unavailable");
+                Error::Unavailable
+            }
+            other => Error::InvalidToken(other),
         }
     }
 }

@@ -4,7 +4,9 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod directory;
 pub mod error;
+pub mod firebase;
 pub mod hub;
 pub mod server;
 pub mod session;

@@ -13,6 +13,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::dev::{DevVerifier, SecretError};
 use crate::auth::Verifier;
 use crate::config::{AuthMode, Config, Database};
+use crate::directory::Directory;
+use crate::firebase::{Firebase, SetupError};
 use crate::hub::Hub;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -23,6 +25,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub verifier: Verifier,
     pub hub: Hub,
+    /// The Firebase user directory sync (Firebase mode only).
+    pub directory: Option<Arc<Directory>>,
     /// Cancelled when the server shuts down; sessions close with 1001.
     pub shutdown: CancellationToken,
     /// Every running session, so that shutdown can wait for them.
@@ -37,11 +41,8 @@ pub enum StartError {
     Secret(#[from] SecretError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error(
-        "FIREBASE_ADMIN_CREDENTIALS_JSON is set ({0}), but Firebase token verification is not built yet; \
-         unset it to run in development auth mode"
-    )]
-    FirebaseNotBuilt(String),
+    #[error(transparent)]
+    Firebase(#[from] SetupError),
 }
 
 /// A server that is listening.
@@ -55,12 +56,16 @@ pub struct RunningServer {
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     // The store first: it creates the database's folder, where the development secret lives.
     let store = open_store(&config).await?;
-    let verifier = match &config.auth {
-        AuthMode::Development { secret } => Verifier::Development(DevVerifier::new(secret)?),
-        AuthMode::Firebase { credentials } => {
-            return Err(StartError::FirebaseNotBuilt(credentials.display().to_string()))
+    let (verifier, firebase) = match &config.auth {
+        AuthMode::Development { secret } => (Verifier::Development(DevVerifier::new(secret)?), None),
+        AuthMode::Firebase(firebase) => {
+            let Firebase { verifier, admin } = Firebase::setup(firebase)?;
+            (Verifier::Firebase(verifier), Some((admin, firebase.directory_sync)))
         }
     };
+    let shutdown = CancellationToken::new();
+    let directory =
+        firebase.map(|(admin, every)| Directory::start(admin, store.clone(), every, shutdown.child_token()));
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -70,7 +75,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         store,
         verifier,
         hub: Hub::new(),
-        shutdown: CancellationToken::new(),
+        directory,
+        shutdown,
         sessions: TaskTracker::new(),
     });
     let app = crate::api::router(state.clone());

@@ -188,8 +188,12 @@ impl AwaitingLogin {
             Ok(identity) => identity,
             Err(reason) => {
                 tracing::info!(conn = self.conn.id, %reason, "login refused");
-                self.conn.error(&Error::InvalidToken(reason)).await;
-                self.conn.close(CLOSE_POLICY, "invalid token").await;
+                let error = Error::from(reason);
+                self.conn.error(&error).await;
+                match error {
+                    Error::InvalidToken(_) => self.conn.close(CLOSE_POLICY, "invalid token").await,
+                    _ => self.conn.close(CLOSE_TRY_AGAIN, "login failed, try again").await,
+                }
                 return None;
             }
         };

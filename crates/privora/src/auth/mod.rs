@@ -2,10 +2,12 @@
 //!
 //! The identity is the only source of a user's id and display name: nothing a client writes in a
 //! frame can change who it is. `Verifier` is a closed enum rather than a trait object because
-//! the set of modes is fixed (development tokens now, Firebase ID tokens next) and a process runs
+//! the set of modes is fixed (development tokens, Firebase ID tokens) and a process runs
 //! exactly one of them.
 
 pub mod dev;
+pub mod firebase;
+pub mod google_keys;
 
 use std::fmt;
 
@@ -48,17 +50,36 @@ pub enum AuthError {
     Subject,
     #[error("token was signed with an unknown key")]
     UnknownKey,
+    // --- Firebase ID tokens -------------------------------------------------------------------
+    #[error("token header names no signing key (kid)")]
+    MissingKeyId,
+    #[error("token was issued in the future (iat); check the device's clock")]
+    IssuedInFuture,
+    #[error("token's sign-in time (auth_time) is in the future; check the device's clock")]
+    AuthTimeInFuture,
+    #[error("the account no longer exists")]
+    UnknownUser,
+    #[error("the account is disabled")]
+    Disabled,
+    #[error("token has been revoked; sign in again")]
+    Revoked,
+    /// The server cannot check tokens right now (keys or the account lookup are unreachable):
+    /// not the client's fault, so it must not be told to sign out.
+    #[error("tokens cannot be checked right now, try again: {0}")]
+    Unavailable(String),
 }
 
 /// The one verifier this process runs with.
 pub enum Verifier {
     Development(dev::DevVerifier),
+    Firebase(firebase::FirebaseVerifier),
 }
 
 impl Verifier {
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         match self {
             Verifier::Development(v) => v.verify(token),
+            Verifier::Firebase(v) => v.verify(token).await,
         }
     }
 
@@ -66,6 +87,8 @@ impl Verifier {
     pub fn describe(&self) -> &'static str {
         match self {
             Verifier::Development(_) => "development tokens (made by `privora token`)",
+            Verifier::Firebase(v) if v.is_emulator() => "Firebase ID tokens from the Auth Emulator (unsigned tokens accepted)",
+            Verifier::Firebase(_) => "Firebase ID tokens",
         }
     }
 }

@@ -6,5 +6,8 @@ mod support;
 mod chat;
 mod delivery;
 mod errors;
+mod firebase_emulator;
+mod firebase_oauth;
+mod firebase_tokens;
 mod rest;
 mod store;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod firebase;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     args: Vec<String>,
     tokens: DevVerifier,
+    /// `Some` for a server in Firebase mode (support/firebase.rs); development mode otherwise.
+    firebase: Option<privora::config::FirebaseConfig>,
 }
 
 impl TestServer {
@@ -50,10 +54,17 @@ impl TestServer {
     pub async fn start_with(extra: &[&str]) -> TestServer {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
         let args = extra.iter().map(|s| s.to_string()).collect();
-        TestServer::launch(dir, args).await
+        TestServer::launch(dir, args, None).await
     }
 
-    async fn launch(dir: Arc<TempDir>, args: Vec<String>) -> TestServer {
+    /// Starts in Firebase mode with this configuration (see `support::firebase`).
+    pub async fn start_firebase(firebase: privora::config::FirebaseConfig, extra: &[&str]) -> TestServer {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let args = extra.iter().map(|s| s.to_string()).collect();
+        TestServer::launch(dir, args, Some(firebase)).await
+    }
+
+    async fn launch(dir: Arc<TempDir>, args: Vec<String>, firebase: Option<privora::config::FirebaseConfig>) -> TestServer {
         let db = dir.path().join("privora.db");
         let mut argv: Vec<String> = vec![
             "privora".into(),
@@ -70,10 +81,13 @@ impl TestServer {
         let settings = Flags::try_parse_from(&argv).expect("test flags parse").settings;
         let mut config = settings.validate().expect("test config is valid");
         // The tests must never pick up a developer's Firebase credentials from the environment.
-        config.auth = privora::config::AuthMode::Development { secret: DevSecret::Given(SECRET.into()) };
+        config.auth = match &firebase {
+            Some(firebase) => privora::config::AuthMode::Firebase(firebase.clone()),
+            None => privora::config::AuthMode::Development { secret: DevSecret::Given(SECRET.into()) },
+        };
         let server = privora::start(config).await.expect("server starts");
         let tokens = DevVerifier::new(&DevSecret::Given(SECRET.into())).expect("verifier");
-        TestServer { addr: server.addr(), server: Some(server), dir, args, tokens }
+        TestServer { addr: server.addr(), server: Some(server), dir, args, tokens, firebase }
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -87,7 +101,7 @@ impl TestServer {
     /// Stops the server gracefully and starts a new one on the same database.
     pub async fn restart(mut self) -> TestServer {
         self.stop().await;
-        TestServer::launch(self.dir.clone(), self.args.clone()).await
+        TestServer::launch(self.dir.clone(), self.args.clone(), self.firebase.clone()).await
     }
 
     pub async fn stop(&mut self) {
