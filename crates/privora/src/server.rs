@@ -14,6 +14,7 @@ use crate::auth::dev::{DevVerifier, SecretError};
 use crate::auth::Verifier;
 use crate::config::{AuthMode, Config, Database};
 use crate::hub::Hub;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -86,6 +87,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match &config.database {
         Database::Sqlite { path } => Ok(Arc::new(SqliteStore::open(path, config.db_readers).await?)),
+        Database::Postgres { url } => Ok(Arc::new(PostgresStore::open(url, config.db_pool).await?)),
     }
 }
 
