@@ -13,7 +13,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::dev::{DevVerifier, SecretError};
 use crate::auth::Verifier;
 use crate::config::{AuthMode, Config, Database};
-use crate::hub::Hub;
+use crate::hub::redis::{BrokerError, RedisBroker};
+use crate::hub::{Broker, Hub};
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -36,6 +37,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Secret(#[from] SecretError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(
@@ -61,6 +64,10 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         }
     };
     let store = open_store(&config).await?;
+    let broker = match &config.redis {
+        Some(redis) => Broker::Redis(Arc::new(RedisBroker::connect(redis).await?)),
+        None => Broker::Local,
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -69,10 +76,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         config,
         store,
         verifier,
-        hub: Hub::new(),
+        hub: Hub::with_broker(broker),
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
     });
+    if let Broker::Redis(redis) = state.hub.broker() {
+        crate::hub::redis::spawn(state.clone(), redis.clone());
+    }
     let app = crate::api::router(state.clone());
     let stop = state.shutdown.clone();
     let serve = tokio::spawn(async move {
@@ -118,6 +128,7 @@ impl RunningServer {
         if tokio::time::timeout(Duration::from_secs(10), state.sessions.wait()).await.is_err() {
             tracing::warn!("some sessions did not end within 10 s of shutdown");
         }
+        state.hub.close().await;
         state.store.close().await;
     }
 }
