@@ -6,6 +6,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+pub mod writer;
 
 use async_trait::async_trait;
 use privora_protocol::Contact;

@@ -10,25 +10,21 @@
 //! nothing pretends to be stored), reads are retried a few times first, and the pool reconnects
 //! by itself once the database is back: no restart needed.
 
-use std::collections::HashSet;
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use privora_protocol::Contact;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, Row};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 
 use super::sqlite::now_iso8601;
+use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
 use super::{display_name_or_id, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
-/// Known users and contact pairs the writer remembers, to skip lookups; cleared when full.
-const WRITER_CACHE: usize = 100_000;
 /// How long an operation waits for a pooled connection before the database counts as down.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Attempts of a read before `Unavailable` reaches the caller, and the pause between them.
@@ -38,18 +34,8 @@ const READ_RETRY_PAUSE: Duration = Duration::from_millis(300);
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 pub struct PostgresStore {
-    writes: mpsc::Sender<WriteOp>,
+    writes: WriteQueue,
     pool: PgPool,
-    writer: Mutex<Option<JoinHandle<()>>>,
-}
-
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-
-enum WriteOp {
-    Append(NewMessage, Reply<StoredMessage>),
-    Delivered { recipient: String, ids: Vec<i64>, reply: Reply<()> },
-    UpsertUser(UserRecord, Reply<()>),
-    Shutdown(oneshot::Sender<()>),
 }
 
 impl PostgresStore {
@@ -72,15 +58,8 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Database(format!("cannot migrate the PostgreSQL database: {e}")))?;
-        let (writes, queue) = mpsc::channel(MAX_BATCH * 4);
-        let writer = tokio::spawn(run_writer(pool.clone(), queue));
-        Ok(PostgresStore { writes, pool, writer: Mutex::new(Some(writer)) })
-    }
-
-    async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.writes.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        let writes = WriteQueue::spawn(MAX_BATCH * 4, |queue| run_writer(pool.clone(), queue));
+        Ok(PostgresStore { writes, pool })
     }
 
     /// Runs a read, again after a pause if the database is unavailable (it may be restarting).
@@ -108,7 +87,7 @@ const MESSAGE_COLUMNS: &str = "id, sender, sender_display_name, recipient, messa
 #[async_trait]
 impl Store for PostgresStore {
     async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
-        self.write(|reply| WriteOp::Append(message, reply)).await
+        self.writes.write(|reply| WriteOp::Append(message, reply)).await
     }
 
     async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
@@ -116,7 +95,7 @@ impl Store for PostgresStore {
             return Ok(());
         }
         let recipient = recipient.to_string();
-        self.write(|reply| WriteOp::Delivered { recipient, ids, reply }).await
+        self.writes.write(|reply| WriteOp::Delivered { recipient, ids, reply }).await
     }
 
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
@@ -162,7 +141,7 @@ impl Store for PostgresStore {
     }
 
     async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
-        self.write(|reply| WriteOp::UpsertUser(user, reply)).await
+        self.writes.write(|reply| WriteOp::UpsertUser(user, reply)).await
     }
 
     async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<Contact>, StoreError> {
@@ -193,14 +172,7 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) {
-        let (done, finished) = oneshot::channel();
-        if self.writes.send(WriteOp::Shutdown(done)).await.is_ok() {
-            let _ = finished.await;
-        }
-        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
-        if let Some(writer) = writer {
-            let _ = writer.await;
-        }
+        self.writes.close().await;
         self.pool.close().await;
     }
 }
@@ -256,12 +228,6 @@ fn from_sqlx(error: sqlx::Error) -> StoreError {
     }
 }
 
-/// What the writer remembers between batches to skip lookups and no-op inserts.
-#[derive(Default)]
-struct WriterCache {
-    users: HashSet<String>,
-    contacts: HashSet<(String, String)>,
-}
 
 async fn run_writer(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
     let mut cache = WriterCache::default();
@@ -280,9 +246,7 @@ async fn run_writer(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
         if !work.is_empty() {
             commit_batch(&pool, &mut cache, work).await;
         }
-        if cache.users.len() > WRITER_CACHE || cache.contacts.len() > WRITER_CACHE {
-            cache = WriterCache::default();
-        }
+        cache.trim();
         if let Some(done) = shutdown {
             queue.close();
             let _ = done.send(());
