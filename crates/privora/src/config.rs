@@ -359,6 +359,25 @@ mod tests {
     }
 
     #[test]
+    fn redis_needs_postgres_and_a_redis_url() {
+        let settings = |db: &str, redis: Option<&str>| {
+            #[derive(clap::Parser)]
+            struct Cli {
+                #[command(flatten)]
+                settings: Settings,
+            }
+            let mut s = <Cli as clap::Parser>::parse_from(["privora", "--database-url", db, "--dev-secret", &"s".repeat(32)]).settings;
+            s.redis_url = redis.map(str::to_string);
+            s.validate()
+        };
+        assert!(settings("postgres://u@h/d", None).unwrap().redis.is_none());
+        let redis = settings("postgres://u@h/d", Some("redis://127.0.0.1:6379")).unwrap().redis.unwrap();
+        assert_eq!(redis.presence_ttl, Duration::from_secs(15));
+        assert!(matches!(settings("sqlite://x.db", Some("redis://h")), Err(ConfigError::RedisNeedsPostgres)));
+        assert!(matches!(settings("postgres://u@h/d", Some("http://h")), Err(ConfigError::RedisUrl(_))));
+    }
+
+    #[test]
     fn origins() {
         let list = parse_origins("http://localhost:3000, https://Chat.Example.com/").unwrap();
         assert!(list.allows("http://localhost:3000"));

@@ -241,6 +241,21 @@ mod tests {
         assert_eq!(hub.send("u", &OutFrame::plain("x")), 0);
     }
 
+    #[tokio::test]
+    async fn the_local_broker_answers_from_this_hub() {
+        let hub = Hub::new();
+        let (a, _ra) = device(&hub, 4);
+        let (b, _rb) = device(&hub, 4);
+        let first = hub.register("u", a.clone());
+        assert!(hub.join("u", first).await, "first connection anywhere");
+        let first = hub.register("u", b.clone());
+        assert!(!hub.join("u", first).await);
+        let online = hub.online_among(&["u".to_string(), "v".to_string()]).await;
+        assert_eq!(online, HashSet::from(["u".to_string()]));
+        assert!(!hub.unregister("u", a.conn) && !hub.leave("u").await, "still online through b");
+        assert!(hub.unregister("u", b.conn) && hub.leave("u").await, "gone everywhere");
+    }
+
     #[test]
     fn a_full_queue_cuts_the_device_off() {
         let hub = Hub::new();
