@@ -18,7 +18,8 @@ pub struct Settings {
     #[arg(long, global = true, env = "PRIVORA_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: String,
 
-    /// Database URL: `sqlite://FILE` (created if missing) or a plain file path.
+    /// Database URL: `sqlite://FILE` (created if missing), a plain file path, or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (several nodes can share one).
     #[arg(long, global = true, env = "DATABASE_URL", default_value = "sqlite://privora.db")]
     pub database_url: String,
 
@@ -77,30 +78,43 @@ pub struct Settings {
     // --- Firebase (docs/firebase.md) ---------------------------------------------------------
     /// Host:port of the Firebase Auth Emulator. When set, the server runs in Firebase mode
     /// against the emulator: unsigned emulator tokens are accepted. Never set it in production.
-    #[arg(long, env = "FIREBASE_AUTH_EMULATOR_HOST")]
+    #[arg(long, global = true, env = "FIREBASE_AUTH_EMULATOR_HOST")]
     pub firebase_auth_emulator_host: Option<String>,
 
     /// Firebase project id, when there is no credentials file (emulator only); the credentials'
     /// `project_id` wins otherwise.
-    #[arg(long, env = "FIREBASE_PROJECT_ID")]
+    #[arg(long, global = true, env = "FIREBASE_PROJECT_ID")]
     pub firebase_project_id: Option<String>,
 
     /// Fallback for the project id, as the Admin SDKs read it.
-    #[arg(long, env = "GOOGLE_CLOUD_PROJECT", hide = true)]
+    #[arg(long, global = true, env = "GOOGLE_CLOUD_PROJECT", hide = true)]
     pub google_cloud_project: Option<String>,
 
     /// Where Google's token-signing certificates are fetched from (x509, JSON by key id).
-    #[arg(long, env = "PRIVORA_FIREBASE_CERTS_URL", default_value = crate::auth::firebase::GOOGLE_CERTS_URL)]
+    #[arg(long, global = true, env = "PRIVORA_FIREBASE_CERTS_URL", default_value = crate::auth::firebase::GOOGLE_CERTS_URL)]
     pub firebase_certs_url: String,
 
     /// Refuse tokens of disabled users and tokens issued before a revocation (one Admin API
     /// lookup per user, cached briefly).
-    #[arg(long, env = "PRIVORA_CHECK_REVOKED", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, global = true, env = "PRIVORA_CHECK_REVOKED", value_parser = clap::builder::BoolishValueParser::new())]
     pub check_revoked: bool,
 
     /// Seconds between syncs of the user directory from Firebase (0 = only at start).
-    #[arg(long, env = "PRIVORA_DIRECTORY_SYNC", default_value_t = 300)]
+    #[arg(long, global = true, env = "PRIVORA_DIRECTORY_SYNC", default_value_t = 300)]
     pub directory_sync: u64,
+    /// PostgreSQL only: connections in this node's pool (the writer takes one per batch).
+    #[arg(long, global = true, env = "PRIVORA_DB_POOL", default_value_t = 10)]
+    pub db_pool: u32,
+
+    /// Redis URL (`redis://HOST:PORT/DB`). When set, nodes share live delivery and presence
+    /// through it, so that several nodes can run behind one proxy; requires PostgreSQL.
+    #[arg(long, global = true, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// With Redis: seconds after which a node that stopped sending heartbeats counts as dead
+    /// and its users go offline for their contacts.
+    #[arg(long, global = true, env = "PRIVORA_PRESENCE_TTL", default_value_t = 15)]
+    pub presence_ttl: u64,
 
     /// Log filter, as `RUST_LOG` (e.g. `info`, `privora=debug`).
     #[arg(long, global = true, env = "PRIVORA_LOG", default_value = "info")]
@@ -108,9 +122,47 @@ pub struct Settings {
 }
 
 /// Which kind of database, and where.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     Sqlite { path: PathBuf },
+    /// A PostgreSQL URL as given (it may hold a password: never log it, see `Debug`).
+    Postgres { url: String },
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
+            Database::Postgres { url } => f.debug_struct("Postgres").field("url", &redact(url)).finish(),
+        }
+    }
+}
+
+/// A URL with its password (if any) replaced by `***`, for logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// Several nodes sharing fan-out and presence through Redis.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    pub url: String,
+    /// A node silent for this long is dead; its users go offline.
+    pub presence_ttl: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig").field("url", &redact(&self.url)).field("presence_ttl", &self.presence_ttl).finish()
+    }
 }
 
 /// How logins are verified. The two never mix in one process.
@@ -160,6 +212,10 @@ pub struct Config {
     pub rate_limit: Option<RateLimit>,
     pub outbound_queue: usize,
     pub db_readers: u32,
+    /// PostgreSQL pool size.
+    pub db_pool: u32,
+    /// None: one node, in-process fan-out and presence.
+    pub redis: Option<RedisConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -191,8 +247,12 @@ impl AllowedOrigins {
 pub enum ConfigError {
     #[error("PRIVORA_LISTEN / --listen {0:?} is not an address like 127.0.0.1:8000")]
     Listen(String),
-    #[error("DATABASE_URL {0:?} is not supported: use sqlite://FILE (PostgreSQL support is not built yet)")]
+    #[error("DATABASE_URL {0:?} is not supported: use sqlite://FILE or postgres://USER@HOST:PORT/DATABASE")]
     DatabaseUrl(String),
+    #[error("REDIS_URL {0:?} is not a URL like redis://127.0.0.1:6379")]
+    RedisUrl(String),
+    #[error("REDIS_URL is set but DATABASE_URL is SQLite: several nodes must share one PostgreSQL database")]
+    RedisNeedsPostgres,
     #[error("ALLOWED_ORIGIN entry {0:?} is not an origin like https://chat.example.com")]
     Origin(String),
     #[error("{name} must be {rule}, got {value}")]
@@ -232,6 +292,9 @@ impl Settings {
         range("PRIVORA_LOGIN_TIMEOUT", "between 1 and 300 seconds", (1..=300).contains(&self.login_timeout), self.login_timeout.to_string())?;
         range("PRIVORA_OUTBOUND_QUEUE", "between 16 and 1000000", (16..=1_000_000).contains(&self.outbound_queue), self.outbound_queue.to_string())?;
         range("PRIVORA_DB_READERS", "between 1 and 64", (1..=64).contains(&self.db_readers), self.db_readers.to_string())?;
+        range("PRIVORA_DB_POOL", "between 2 and 1000", (2..=1000).contains(&self.db_pool), self.db_pool.to_string())?;
+        range("PRIVORA_PRESENCE_TTL", "between 2 and 3600 seconds", (2..=3600).contains(&self.presence_ttl), self.presence_ttl.to_string())?;
+        let redis = self.redis_config(&database)?;
         let rate_limit = (self.rate_limit > 0).then(|| RateLimit {
             per_second: self.rate_limit,
             burst: self.rate_burst.max(1),
@@ -250,6 +313,8 @@ impl Settings {
             rate_limit,
             outbound_queue: self.outbound_queue,
             db_readers: self.db_readers,
+            db_pool: self.db_pool,
+            redis,
         })
     }
 
@@ -280,16 +345,33 @@ impl Settings {
         }))
     }
 
+    fn redis_config(&self, database: &Database) -> Result<Option<RedisConfig>, ConfigError> {
+        let Some(url) = self.redis_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        if !(url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://")) {
+            return Err(ConfigError::RedisUrl(redact(url)));
+        }
+        if let Database::Sqlite { .. } = database {
+            return Err(ConfigError::RedisNeedsPostgres);
+        }
+        Ok(Some(RedisConfig { url: url.to_string(), presence_ttl: Duration::from_secs(self.presence_ttl) }))
+    }
+
     fn dev_secret_source(&self, database: &Database) -> Result<DevSecret, ConfigError> {
         match &self.dev_secret {
             Some(secret) if secret.len() < 32 => Err(ConfigError::ShortSecret),
             Some(secret) => Ok(DevSecret::Given(secret.clone())),
-            None => {
-                let Database::Sqlite { path } = database;
-                let mut file = path.clone().into_os_string();
-                file.push(".dev-secret");
-                Ok(DevSecret::File(file.into()))
-            }
+            None => match database {
+                Database::Sqlite { path } => {
+                    let mut file = path.clone().into_os_string();
+                    file.push(".dev-secret");
+                    Ok(DevSecret::File(file.into()))
+                }
+                // No file beside a server database: the working directory. Several nodes must
+                // share one secret, so they should be given PRIVORA_DEV_SECRET.
+                Database::Postgres { .. } => Ok(DevSecret::File(PathBuf::from("privora.dev-secret"))),
+            },
         }
     }
 }
@@ -304,6 +386,9 @@ fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
         }
         let path = path.strip_prefix("//").map(|p| format!("/{p}")).unwrap_or(path.to_string());
         return Ok(Database::Sqlite { path: PathBuf::from(path) });
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Database::Postgres { url: url.to_string() });
     }
     if url.contains("://") || url.is_empty() {
         return Err(ConfigError::DatabaseUrl(url.to_string()));
@@ -341,7 +426,31 @@ mod tests {
         assert_eq!(parse_database_url("sqlite:./chat.db?mode=rwc").unwrap(), Database::Sqlite { path: "./chat.db".into() });
         assert_eq!(parse_database_url("data/privora.db").unwrap(), Database::Sqlite { path: "data/privora.db".into() });
         assert!(parse_database_url("mysql://x").is_err());
+        assert_eq!(
+            parse_database_url("postgres://u:pw@db:5432/chat").unwrap(),
+            Database::Postgres { url: "postgres://u:pw@db:5432/chat".into() }
+        );
+        assert!(format!("{:?}", parse_database_url("postgresql://u:pw@db/chat").unwrap()).contains("u:***@db/chat"));
         assert!(parse_database_url("sqlite::memory:").is_err());
+    }
+
+    #[test]
+    fn redis_needs_postgres_and_a_redis_url() {
+        let settings = |db: &str, redis: Option<&str>| {
+            #[derive(clap::Parser)]
+            struct Cli {
+                #[command(flatten)]
+                settings: Settings,
+            }
+            let mut s = <Cli as clap::Parser>::parse_from(["privora", "--database-url", db, "--dev-secret", &"s".repeat(32)]).settings;
+            s.redis_url = redis.map(str::to_string);
+            s.validate()
+        };
+        assert!(settings("postgres://u@h/d", None).unwrap().redis.is_none());
+        let redis = settings("postgres://u@h/d", Some("redis://127.0.0.1:6379")).unwrap().redis.unwrap();
+        assert_eq!(redis.presence_ttl, Duration::from_secs(15));
+        assert!(matches!(settings("sqlite://x.db", Some("redis://h")), Err(ConfigError::RedisNeedsPostgres)));
+        assert!(matches!(settings("postgres://u@h/d", Some("http://h")), Err(ConfigError::RedisUrl(_))));
     }
 
     #[test]

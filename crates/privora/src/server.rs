@@ -15,7 +15,9 @@ use crate::auth::Verifier;
 use crate::config::{AuthMode, Config, Database};
 use crate::directory::Directory;
 use crate::firebase::{Firebase, SetupError};
-use crate::hub::Hub;
+use crate::hub::redis::{BrokerError, RedisBroker};
+use crate::hub::{Broker, Hub};
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -39,6 +41,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Secret(#[from] SecretError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
@@ -66,6 +70,10 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let shutdown = CancellationToken::new();
     let directory =
         firebase.map(|(admin, every)| Directory::start(admin, store.clone(), every, shutdown.child_token()));
+    let broker = match &config.redis {
+        Some(redis) => Broker::Redis(Arc::new(RedisBroker::connect(redis).await?)),
+        None => Broker::Local,
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -74,11 +82,14 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         config,
         store,
         verifier,
-        hub: Hub::new(),
+        hub: Hub::with_broker(broker),
         directory,
         shutdown,
         sessions: TaskTracker::new(),
     });
+    if let Broker::Redis(redis) = state.hub.broker() {
+        crate::hub::redis::spawn(state.clone(), redis.clone());
+    }
     let app = crate::api::router(state.clone());
     let stop = state.shutdown.clone();
     let serve = tokio::spawn(async move {
@@ -93,6 +104,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match &config.database {
         Database::Sqlite { path } => Ok(Arc::new(SqliteStore::open(path, config.db_readers).await?)),
+        Database::Postgres { url } => Ok(Arc::new(PostgresStore::open(url, config.db_pool).await?)),
     }
 }
 
@@ -123,6 +135,7 @@ impl RunningServer {
         if tokio::time::timeout(Duration::from_secs(10), state.sessions.wait()).await.is_err() {
             tracing::warn!("some sessions did not end within 10 s of shutdown");
         }
+        state.hub.close().await;
         state.store.close().await;
     }
 }

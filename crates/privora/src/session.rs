@@ -11,7 +11,7 @@
 //! once the client's pong for it comes back every message written before it is marked delivered
 //! in the store. A connection that dies before that loses nothing: the messages stay pending.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,9 @@ const CLOSE_TRY_AGAIN: u16 = 1013;
 pub const HARD_LIMIT_FACTOR: usize = 4;
 /// Frames the writer writes before it flushes and considers a delivery ping.
 const WRITE_BATCH: usize = 256;
+/// Message ids a writer remembers having written (to drop second copies); past this, it
+/// forgets the ones the client has confirmed.
+const REMEMBERED_IDS: usize = 4096;
 
 /// Runs one connection to its end.
 pub async fn run(socket: WebSocket, state: Arc<AppState>) {
@@ -232,14 +235,17 @@ impl AwaitingLogin {
             .await?;
         let contacts = state.store.contacts(&user_id).await?;
         let device = Device { conn: self.conn.id, queue: self.conn.out.clone(), cut_off: self.conn.cut_off.clone() };
-        let first = state.hub.register(&user_id, device);
+        let first_here = state.hub.register(&user_id, device);
         let online = Online { state: state.clone(), user_id: user_id.clone(), conn: self.conn.id };
+        let first = state.hub.join(&user_id, first_here).await;
         let pending = state.store.pending(&user_id).await?;
         let history = state.store.history(&user_id, state.config.history_limit).await?;
         if first {
-            Online::announce(state, &user_id, &contacts, PresenceStatus::Online);
+            announce(state, &user_id, &contacts, PresenceStatus::Online);
         }
-        let burst = login_burst(&pending, &history, contacts, |user| state.hub.is_online(user));
+        let contact_ids: Vec<String> = contacts.iter().map(|c| c.user_id.clone()).collect();
+        let online_contacts = state.hub.online_among(&contact_ids).await;
+        let burst = login_burst(&pending, &history, contacts, |user| online_contacts.contains(user));
         let _ = self.conn.out.send(Outbound::LoginBurst(burst)).await;
         tracing::info!(conn = self.conn.id, user = %user_id, pending = pending.len(), "logged in");
         Ok((user_id, display_name, online))
@@ -369,17 +375,7 @@ impl Active {
                 msg_id,
             })
             .await?;
-        let recipient = stored.recipient.clone();
-        let frame = ServerFrame::Message(LiveMessage {
-            from: stored.sender,
-            from_display_name: stored.sender_display_name,
-            to: stored.recipient,
-            message: stored.message,
-            timestamp: stored.timestamp,
-            id: stored.id,
-            msg_id: stored.msg_id,
-        });
-        self.state.hub.send(&recipient, &OutFrame { text: frame.encode().into(), delivers: Some(stored.id) });
+        self.state.hub.send(&stored.recipient, &live_frame(&stored));
         Ok(())
     }
 
@@ -408,12 +404,25 @@ struct Online {
     conn: ConnId,
 }
 
-impl Online {
-    fn announce(state: &AppState, user_id: &str, contacts: &[Contact], status: PresenceStatus) {
-        let frame = OutFrame::plain(ServerFrame::Presence { user_id: user_id.to_string(), status }.encode());
-        for contact in contacts.iter().filter(|c| c.user_id != user_id) {
-            state.hub.send(&contact.user_id, &frame);
-        }
+/// The `message` frame that delivers a stored message live.
+pub(crate) fn live_frame(stored: &StoredMessage) -> OutFrame {
+    let frame = ServerFrame::Message(LiveMessage {
+        from: stored.sender.clone(),
+        from_display_name: stored.sender_display_name.clone(),
+        to: stored.recipient.clone(),
+        message: stored.message.clone(),
+        timestamp: stored.timestamp.clone(),
+        id: stored.id,
+        msg_id: stored.msg_id.clone(),
+    });
+    OutFrame { text: frame.encode().into(), delivers: Some(stored.id) }
+}
+
+/// Tells `user_id`'s contacts, wherever they are connected, that it came online or went offline.
+pub(crate) fn announce(state: &AppState, user_id: &str, contacts: &[Contact], status: PresenceStatus) {
+    let frame = OutFrame::plain(ServerFrame::Presence { user_id: user_id.to_string(), status }.encode());
+    for contact in contacts.iter().filter(|c| c.user_id != user_id) {
+        state.hub.send(&contact.user_id, &frame);
     }
 }
 
@@ -426,10 +435,14 @@ impl Drop for Online {
         let state = self.state.clone();
         let user_id = std::mem::take(&mut self.user_id);
         runtime.spawn(async move {
+            // Still connected on another node: say nothing.
+            if !state.hub.leave(&user_id).await {
+                return;
+            }
             match state.store.contacts(&user_id).await {
                 // Back already (another connection logged in meanwhile): say nothing.
                 Ok(_) if state.hub.is_online(&user_id) => {}
-                Ok(contacts) => Online::announce(&state, &user_id, &contacts, PresenceStatus::Offline),
+                Ok(contacts) => announce(&state, &user_id, &contacts, PresenceStatus::Offline),
                 Err(error) => tracing::warn!(%error, "could not read contacts for a presence change"),
             }
         });
@@ -508,8 +521,9 @@ impl RateLimiter {
 /// Where the writer is: before the login burst it holds routed frames back.
 enum Phase {
     BeforeLogin { held: Vec<OutFrame> },
-    /// `burst_ids`, sorted: messages the burst had, whose live copies are dropped.
-    Active { burst_ids: Vec<i64> },
+    /// `written`: messages already written on this connection (by the burst, live, or a
+    /// catch-up after a Redis outage), whose second copies are dropped.
+    Active { written: HashSet<i64> },
 }
 
 /// What the writer does after a batch of queue items.
@@ -568,12 +582,11 @@ impl Writer {
                 Phase::Active { .. } => self.write_routed(frame).await?,
             },
             Outbound::LoginBurst(frames) => {
-                let mut burst_ids: Vec<i64> = frames.iter().filter_map(|f| f.delivers).collect();
-                burst_ids.sort_unstable();
+                let written: HashSet<i64> = frames.iter().filter_map(|f| f.delivers).collect();
                 for frame in frames {
                     self.write(frame).await?;
                 }
-                if let Phase::BeforeLogin { held } = std::mem::replace(&mut self.phase, Phase::Active { burst_ids }) {
+                if let Phase::BeforeLogin { held } = std::mem::replace(&mut self.phase, Phase::Active { written }) {
                     for frame in held {
                         self.write_routed(frame).await?;
                     }
@@ -588,11 +601,21 @@ impl Writer {
         Ok(Flow::Continue)
     }
 
-    /// Writes a frame routed from elsewhere, unless the login burst already delivered it.
+    /// Writes a frame routed from elsewhere, unless this connection already has the message
+    /// it delivers (from the login burst, live, or a catch-up after a Redis outage).
     async fn write_routed(&mut self, frame: OutFrame) -> Result<(), axum::Error> {
-        if let (Phase::Active { burst_ids }, Some(id)) = (&self.phase, frame.delivers) {
-            if burst_ids.binary_search(&id).is_ok() {
+        if let (Phase::Active { written }, Some(id)) = (&mut self.phase, frame.delivers) {
+            if !written.insert(id) {
                 return Ok(());
+            }
+            if written.len() > REMEMBERED_IDS {
+                // Forget what the client has confirmed: those are no longer pending in the
+                // store, so no catch-up brings them again.
+                let tracker = lock(&self.tracker);
+                let unconfirmed: HashSet<i64> =
+                    tracker.unpinged.iter().chain(tracker.in_flight.iter().flat_map(|(_, ids)| ids)).copied().collect();
+                written.retain(|id| unconfirmed.contains(id));
+                written.insert(id);
             }
         }
         self.write(frame).await

@@ -4,10 +4,16 @@
 //! It is only a cache of the store. Handing a frame to a device queue never blocks: a device
 //! whose queue is full is a slow consumer and is cut off (its messages stay pending in the store
 //! and come again at its next login), so one stuck client never holds up a sender or grows memory.
+//!
+//! The `Broker` is the seam to other nodes: `Local` (one node, nothing to share) or `Redis`
+//! (`redis.rs`). The code above the hub is the same either way: sessions `join`, `leave`, `send`
+//! and ask `online_among`; the hub delivers locally and, with Redis, to the other nodes.
 
-use std::collections::HashMap;
+pub mod redis;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
@@ -56,15 +62,105 @@ pub struct Device {
     pub cut_off: CancellationToken,
 }
 
+/// Where frames for users on other nodes go, and where presence is kept.
+#[derive(Default)]
+pub enum Broker {
+    /// One node: this hub is the whole truth about who is online.
+    #[default]
+    Local,
+    /// Several nodes sharing Redis.
+    Redis(Arc<redis::RedisBroker>),
+}
+
 #[derive(Default)]
 pub struct Hub {
     devices: RwLock<HashMap<String, Vec<Device>>>,
     next_conn: AtomicU64,
+    broker: Broker,
 }
 
 impl Hub {
     pub fn new() -> Hub {
         Hub::default()
+    }
+
+    pub fn with_broker(broker: Broker) -> Hub {
+        Hub { broker, ..Hub::default() }
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Adds `user` to the shared presence. True when the user was
+    /// online nowhere before: its contacts should hear it came online. Once this returns, frames
+    /// sent to the user from any node reach this connection.
+    ///
+    /// Call it right after `register`, with what `register` returned.
+    pub async fn join(&self, user: &str, first_here: bool) -> bool {
+        match &self.broker {
+            Broker::Local => first_here,
+            Broker::Redis(_) if !first_here => false,
+            Broker::Redis(redis) => redis.join(user).await.unwrap_or_else(|error| {
+                tracing::warn!(%error, user, "Redis presence unavailable; the heartbeat will add the user");
+                true
+            }),
+        }
+    }
+
+    /// After `unregister` said the user's last connection here is gone: true when the user is
+    /// now online nowhere, so its contacts should hear it went offline.
+    pub async fn leave(&self, user: &str) -> bool {
+        match &self.broker {
+            Broker::Local => !self.is_online(user),
+            Broker::Redis(redis) => {
+                let offline = redis.leave(user).await.unwrap_or_else(|error| {
+                    tracing::warn!(%error, user, "Redis presence unavailable; the user expires with the heartbeat");
+                    false
+                });
+                // A connection of the user arrived here meanwhile: keep it routable.
+                if self.is_online(user) {
+                    let _ = redis.join(user).await;
+                    return false;
+                }
+                offline
+            }
+        }
+    }
+
+    /// Which of `users` are online on any node.
+    pub async fn online_among(&self, users: &[String]) -> HashSet<String> {
+        if let Broker::Redis(redis) = &self.broker {
+            match redis.online(users).await {
+                Ok(flags) => {
+                    return users.iter().zip(flags).filter(|(_, on)| *on).map(|(u, _)| u.clone()).collect();
+                }
+                Err(error) => tracing::warn!(%error, "Redis presence unavailable; answering for this node only"),
+            }
+        }
+        users.iter().filter(|u| self.is_online(u)).cloned().collect()
+    }
+
+    /// Users with a connection on this node.
+    pub fn local_users(&self) -> Vec<String> {
+        self.devices.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
+    /// Hands `frame` to every connection of `user` on this node and, with Redis, queues it for
+    /// the other nodes. Returns how many local connections took it. Never waits.
+    pub fn send(&self, user: &str, frame: &OutFrame) -> usize {
+        if let Broker::Redis(redis) = &self.broker {
+            redis.publish(user, frame);
+        }
+        self.deliver_local(user, frame)
+    }
+
+    /// Publishes what is queued for other nodes and leaves the shared presence (at shutdown,
+    /// after the sessions have ended).
+    pub async fn close(&self) {
+        if let Broker::Redis(redis) = &self.broker {
+            redis.close().await;
+        }
     }
 
     pub fn next_conn_id(&self) -> ConnId {
@@ -96,8 +192,8 @@ impl Hub {
         self.devices.read().unwrap_or_else(|e| e.into_inner()).contains_key(user)
     }
 
-    /// Hands `frame` to every connection of `user`; returns how many took it. Never waits.
-    pub fn send(&self, user: &str, frame: &OutFrame) -> usize {
+    /// Hands `frame` to every connection of `user` on this node; returns how many took it.
+    pub fn deliver_local(&self, user: &str, frame: &OutFrame) -> usize {
         let devices = self.devices.read().unwrap_or_else(|e| e.into_inner());
         let Some(list) = devices.get(user) else { return 0 };
         let mut taken = 0;
@@ -143,6 +239,21 @@ mod tests {
         assert!(hub.unregister("u", b.conn));
         assert!(!hub.is_online("u"));
         assert_eq!(hub.send("u", &OutFrame::plain("x")), 0);
+    }
+
+    #[tokio::test]
+    async fn the_local_broker_answers_from_this_hub() {
+        let hub = Hub::new();
+        let (a, _ra) = device(&hub, 4);
+        let (b, _rb) = device(&hub, 4);
+        let first = hub.register("u", a.clone());
+        assert!(hub.join("u", first).await, "first connection anywhere");
+        let first = hub.register("u", b.clone());
+        assert!(!hub.join("u", first).await);
+        let online = hub.online_among(&["u".to_string(), "v".to_string()]).await;
+        assert_eq!(online, HashSet::from(["u".to_string()]));
+        assert!(!hub.unregister("u", a.conn) && !hub.leave("u").await, "still online through b");
+        assert!(hub.unregister("u", b.conn) && hub.leave("u").await, "gone everywhere");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! same conformance tests (`tests/it/store.rs`). Writes are batched by one writer task per store
 //! (group commit): a caller hears back only after its write is committed.
 
+pub mod postgres;
 pub mod sqlite;
+pub mod writer;
 
 use async_trait::async_trait;
 use privora_protocol::Contact;

@@ -7,10 +7,8 @@
 //! beside the writer. sqlx runs each connection on its own thread, so nothing here blocks the
 //! async runtime.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,31 +18,19 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Connection, Row};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 
+use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
 use super::{display_name_or_id, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 1024;
-/// Known users and contact pairs the writer remembers, to skip lookups; cleared when full.
-const WRITER_CACHE: usize = 100_000;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 pub struct SqliteStore {
-    writes: mpsc::Sender<WriteOp>,
+    writes: WriteQueue,
     reads: SqlitePool,
-    writer: Mutex<Option<JoinHandle<()>>>,
-}
-
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-
-enum WriteOp {
-    Append(NewMessage, Reply<StoredMessage>),
-    Delivered { recipient: String, ids: Vec<i64>, reply: Reply<()> },
-    UpsertUser(UserRecord, Reply<()>),
-    Shutdown(oneshot::Sender<()>),
 }
 
 impl SqliteStore {
@@ -76,22 +62,15 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(from_sqlx)?;
-        let (writes, queue) = mpsc::channel(MAX_BATCH * 4);
-        let writer = tokio::spawn(run_writer(writer, queue));
-        Ok(SqliteStore { writes, reads, writer: Mutex::new(Some(writer)) })
-    }
-
-    async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.writes.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        let writes = WriteQueue::spawn(MAX_BATCH * 4, |queue| run_writer(writer, queue));
+        Ok(SqliteStore { writes, reads })
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
-        self.write(|reply| WriteOp::Append(message, reply)).await
+        self.writes.write(|reply| WriteOp::Append(message, reply)).await
     }
 
     async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
@@ -99,7 +78,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let recipient = recipient.to_string();
-        self.write(|reply| WriteOp::Delivered { recipient, ids, reply }).await
+        self.writes.write(|reply| WriteOp::Delivered { recipient, ids, reply }).await
     }
 
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
@@ -163,7 +142,7 @@ impl Store for SqliteStore {
     }
 
     async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
-        self.write(|reply| WriteOp::UpsertUser(user, reply)).await
+        self.writes.write(|reply| WriteOp::UpsertUser(user, reply)).await
     }
 
     async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<Contact>, StoreError> {
@@ -212,14 +191,7 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
-        let (done, finished) = oneshot::channel();
-        if self.writes.send(WriteOp::Shutdown(done)).await.is_ok() {
-            let _ = finished.await;
-        }
-        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
-        if let Some(writer) = writer {
-            let _ = writer.await;
-        }
+        self.writes.close().await;
         self.reads.close().await;
     }
 }
@@ -252,23 +224,6 @@ fn from_sqlx(error: sqlx::Error) -> StoreError {
     }
 }
 
-/// What the writer remembers between batches to skip lookups and no-op inserts.
-#[derive(Default)]
-struct WriterCache {
-    users: HashSet<String>,
-    contacts: HashSet<(String, String)>,
-}
-
-impl WriterCache {
-    fn trim(&mut self) {
-        if self.users.len() > WRITER_CACHE {
-            self.users.clear();
-        }
-        if self.contacts.len() > WRITER_CACHE {
-            self.contacts.clear();
-        }
-    }
-}
 
 /// The answer owed to one operation of a batch, sent only once the batch is committed.
 enum Owed {

@@ -131,10 +131,7 @@ async fn a_database_failure_is_internal_and_nothing_pretends_to_be_stored() {
     let (mut alice, _) = server.login("alice").await;
     let (mut bob, _) = server.login("bob").await;
     // Break the schema under the running server, from another connection.
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!("sqlite://{}", server.db_path().display()))
-        .await
-        .unwrap();
-    sqlx::query("DROP TABLE pending").execute(&mut conn).await.unwrap();
+    server.execute_sql("DROP TABLE pending").await;
     alice.message("bob", "doomed").await;
     alice.expect_error("internal").await;
     bob.expect_silence().await;

@@ -4,6 +4,7 @@
 mod support;
 
 mod chat;
+mod cluster;
 mod delivery;
 mod errors;
 mod firebase_emulator;

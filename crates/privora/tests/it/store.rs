@@ -1,5 +1,6 @@
 //! The store's contract, checked directly: what every `Store` implementation must do.
 
+use privora::store::postgres::PostgresStore;
 use privora::store::sqlite::SqliteStore;
 use privora::store::{NewMessage, Store, StoreError, UserRecord};
 use privora_protocol::Contact;
@@ -9,6 +10,11 @@ async fn sqlite() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("store.db"), 2).await.unwrap();
     (dir, store)
+}
+
+/// A PostgreSQL store on a fresh schema of the test database.
+async fn postgres() -> PostgresStore {
+    PostgresStore::open(&crate::support::cluster::pg_schema_url().await, 4).await.unwrap()
 }
 
 fn user(id: &str, name: Option<&str>) -> UserRecord {
@@ -82,9 +88,22 @@ async fn sqlite_store_conformance() {
 }
 
 #[tokio::test]
+async fn postgres_store_conformance() {
+    conformance(&postgres().await).await;
+}
+
+#[tokio::test]
 async fn concurrent_appends_are_all_committed_in_batches() {
     let (_dir, store) = sqlite().await;
-    let store = std::sync::Arc::new(store);
+    concurrent_appends(std::sync::Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn concurrent_appends_are_all_committed_in_batches_on_postgres() {
+    concurrent_appends(std::sync::Arc::new(postgres().await)).await;
+}
+
+async fn concurrent_appends(store: std::sync::Arc<dyn Store>) {
     store.upsert_user(user("r", None)).await.unwrap();
     let mut tasks = Vec::new();
     for s in 0..50 {

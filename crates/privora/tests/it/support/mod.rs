@@ -1,9 +1,12 @@
-//! Shared test helpers: start a real server on a temporary SQLite file, mint tokens, and talk
-//! to it with real WebSocket and HTTP clients. Every test file uses these; none copies them.
+//! Shared test helpers: start a real server on a temporary SQLite file (or, with
+//! `PRIVORA_TEST_DATABASE=postgres`, a fresh schema of the test PostgreSQL), mint tokens, and
+//! talk to it with real WebSocket and HTTP clients. Every test file uses these; none copies them.
+//! `cluster` starts real processes: `privora serve` nodes, a private Redis, a private PostgreSQL.
 
 #![allow(dead_code)]
 
 pub mod firebase;
+pub mod cluster;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +43,8 @@ pub struct TestServer {
     pub dir: Arc<TempDir>,
     pub addr: SocketAddr,
     args: Vec<String>,
+    /// The `--database-url` this server runs on (kept across restarts).
+    pub database_url: String,
     tokens: DevVerifier,
     /// `Some` for a server in Firebase mode (support/firebase.rs); development mode otherwise.
     firebase: Option<privora::config::FirebaseConfig>,
@@ -54,24 +59,38 @@ impl TestServer {
     pub async fn start_with(extra: &[&str]) -> TestServer {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
         let args = extra.iter().map(|s| s.to_string()).collect();
-        TestServer::launch(dir, args, None).await
+        let database_url = TestServer::fresh_database_url(dir.path()).await;
+        TestServer::launch(dir, args, database_url, None).await
     }
 
     /// Starts in Firebase mode with this configuration (see `support::firebase`).
     pub async fn start_firebase(firebase: privora::config::FirebaseConfig, extra: &[&str]) -> TestServer {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
         let args = extra.iter().map(|s| s.to_string()).collect();
-        TestServer::launch(dir, args, Some(firebase)).await
+        let database_url = TestServer::fresh_database_url(dir.path()).await;
+        TestServer::launch(dir, args, database_url, Some(firebase)).await
     }
 
-    async fn launch(dir: Arc<TempDir>, args: Vec<String>, firebase: Option<privora::config::FirebaseConfig>) -> TestServer {
-        let db = dir.path().join("privora.db");
+    /// A new, empty database on the backend the tests run on (PRIVORA_TEST_DATABASE).
+    async fn fresh_database_url(dir: &std::path::Path) -> String {
+        match cluster::test_backend() {
+            cluster::Backend::Sqlite => format!("sqlite://{}", dir.join("privora.db").display()),
+            cluster::Backend::Postgres => cluster::pg_schema_url().await,
+        }
+    }
+
+    async fn launch(
+        dir: Arc<TempDir>,
+        args: Vec<String>,
+        database_url: String,
+        firebase: Option<privora::config::FirebaseConfig>,
+    ) -> TestServer {
         let mut argv: Vec<String> = vec![
             "privora".into(),
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--database-url".into(),
-            format!("sqlite://{}", db.display()),
+            database_url.clone(),
             "--dev-secret".into(),
             SECRET.into(),
             "--allowed-origin".into(),
@@ -87,11 +106,24 @@ impl TestServer {
         };
         let server = privora::start(config).await.expect("server starts");
         let tokens = DevVerifier::new(&DevSecret::Given(SECRET.into())).expect("verifier");
-        TestServer { addr: server.addr(), server: Some(server), dir, args, tokens, firebase }
+        TestServer { addr: server.addr(), server: Some(server), dir, args, database_url, tokens, firebase }
     }
 
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("privora.db")
+    }
+
+    /// Runs one SQL statement on this server's database from a separate connection, whichever
+    /// the backend (for tests that break the database under a running server).
+    pub async fn execute_sql(&self, sql: &str) {
+        use sqlx::Connection;
+        if self.database_url.starts_with("postgres") {
+            let mut conn = sqlx::PgConnection::connect(&self.database_url).await.expect("connect to PostgreSQL");
+            sqlx::query(sql).execute(&mut conn).await.expect("SQL runs");
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&self.database_url).await.expect("connect to SQLite");
+            sqlx::query(sql).execute(&mut conn).await.expect("SQL runs");
+        }
     }
 
     pub fn server(&self) -> &RunningServer {
@@ -101,7 +133,7 @@ impl TestServer {
     /// Stops the server gracefully and starts a new one on the same database.
     pub async fn restart(mut self) -> TestServer {
         self.stop().await;
-        TestServer::launch(self.dir.clone(), self.args.clone(), self.firebase.clone()).await
+        TestServer::launch(self.dir.clone(), self.args.clone(), self.database_url.clone(), self.firebase.clone()).await
     }
 
     pub async fn stop(&mut self) {
@@ -149,8 +181,7 @@ impl TestServer {
 
     /// A WebSocket connection that has not logged in.
     pub async fn connect(&self) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url()).await.expect("WebSocket connects");
-        Client { ws }
+        Client::connect_to(&self.ws_url()).await
     }
 
     /// Connects and logs in as `user` (display name = the user id), reading the login burst.
@@ -160,8 +191,7 @@ impl TestServer {
 
     pub async fn login_as(&self, user: &str, name: Option<&str>) -> (Client, Burst) {
         let mut client = self.connect().await;
-        client.send_json(serde_json::json!({"type": "login", "token": self.token(user, name)})).await;
-        let burst = client.login_burst().await;
+        let burst = client.log_in(&self.token(user, name)).await;
         (client, burst)
     }
 
@@ -209,6 +239,18 @@ pub enum Event {
 }
 
 impl Client {
+    /// A WebSocket connection to `url` that has not logged in.
+    pub async fn connect_to(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connects");
+        Client { ws }
+    }
+
+    /// Sends `login` with `token` and reads the login burst.
+    pub async fn log_in(&mut self, token: &str) -> Burst {
+        self.send_json(serde_json::json!({"type": "login", "token": token})).await;
+        self.login_burst().await
+    }
+
     pub async fn send_json(&mut self, value: Value) {
         self.send_text(&value.to_string()).await;
     }

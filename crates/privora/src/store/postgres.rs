@@ -1,0 +1,422 @@
+//! The PostgreSQL store: the server database that several nodes can share.
+//!
+//! Same contract as the SQLite store and the same write path: one writer task per node commits
+//! whatever has queued up in one transaction (group commit), so many senders share one commit
+//! round trip. Reads go straight to the pool. With several nodes, ids are allocated by the
+//! database in no particular commit order, which is why delivery goes by the rows of `pending`,
+//! never by "ids above a cursor".
+//!
+//! When the database goes away, writes fail with `Unavailable` (the sender hears `unavailable`,
+//! nothing pretends to be stored), reads are retried a few times first, and the pool reconnects
+//! by itself once the database is back: no restart needed.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use privora_protocol::Contact;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Connection, Row};
+use tokio::sync::mpsc;
+
+use super::sqlite::now_iso8601;
+use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
+use super::{display_name_or_id, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 512;
+/// How long an operation waits for a pooled connection before the database counts as down.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Attempts of a read before `Unavailable` reaches the caller, and the pause between them.
+const READ_ATTEMPTS: u32 = 3;
+const READ_RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
+pub struct PostgresStore {
+    writes: WriteQueue,
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects (a pool of at most `pool_size`) and brings the schema up to date. Nodes
+    /// starting together are safe: sqlx holds an advisory lock while it migrates.
+    pub async fn open(url: &str, pool_size: u32) -> Result<PostgresStore, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Database(format!("DATABASE_URL is not a PostgreSQL URL: {e}")))?
+            .application_name("privora")
+            .disable_statement_logging();
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size)
+            .min_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Database(format!("cannot migrate the PostgreSQL database: {e}")))?;
+        let writes = WriteQueue::spawn(MAX_BATCH * 4, |queue| run_writer(pool.clone(), queue));
+        Ok(PostgresStore { writes, pool })
+    }
+
+    /// Runs a read, again after a pause if the database is unavailable (it may be restarting).
+    async fn read<T, F, Fut>(&self, run: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match run().await.map_err(from_sqlx) {
+                Err(StoreError::Unavailable(reason)) if attempt < READ_ATTEMPTS && !self.pool.is_closed() => {
+                    tracing::debug!(%reason, attempt, "read failed, retrying");
+                    tokio::time::sleep(READ_RETRY_PAUSE * attempt).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+const MESSAGE_COLUMNS: &str = "id, sender, sender_display_name, recipient, message, timestamp, client_msg_id";
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
+        self.writes.write(|reply| WriteOp::Append(message, reply)).await
+    }
+
+    async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let recipient = recipient.to_string();
+        self.writes.write(|reply| WriteOp::Delivered { recipient, ids, reply }).await
+    }
+
+    async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE id IN (SELECT message_id FROM pending WHERE recipient = $1) ORDER BY id"
+        );
+        let rows = self.read(|| sqlx::query(&sql).bind(recipient).fetch_all(&self.pool)).await?;
+        Ok(rows.iter().map(message_from_row).collect())
+    }
+
+    async fn history(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        // Each arm walks its index backwards and stops after `limit` rows.
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id IN (
+                 SELECT id FROM (
+                     (SELECT id FROM messages WHERE sender = $1 ORDER BY id DESC LIMIT $2)
+                     UNION
+                     (SELECT id FROM messages WHERE recipient = $1 ORDER BY id DESC LIMIT $2)
+                     ORDER BY id DESC LIMIT $2) latest
+                 UNION
+                 SELECT message_id FROM pending WHERE recipient = $1)
+             ORDER BY id"
+        );
+        let rows =
+            self.read(|| sqlx::query(&sql).bind(user).bind(i64::from(limit)).fetch_all(&self.pool)).await?;
+        Ok(rows.iter().map(message_from_row).collect())
+    }
+
+    async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError> {
+        let rows = self
+            .read(|| {
+                sqlx::query(
+                    "SELECT c.partner_id, u.display_name FROM contacts c
+                     LEFT JOIN users u ON u.user_id = c.partner_id
+                     WHERE c.user_id = $1",
+                )
+                .bind(user)
+                .fetch_all(&self.pool)
+            })
+            .await?;
+        Ok(sorted_contacts(&rows))
+    }
+
+    async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
+        self.writes.write(|reply| WriteOp::UpsertUser(user, reply)).await
+    }
+
+    async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<Contact>, StoreError> {
+        // ILIKE '%q%' is served by the trigram index (pg_trgm) for queries of three or more
+        // characters; shorter ones scan, cut short by the LIMIT.
+        let escaped = query.trim().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        let pattern = format!("%{escaped}%");
+        let rows = self
+            .read(|| {
+                sqlx::query(
+                    "SELECT user_id, display_name FROM users
+                     WHERE display_name ILIKE $1 ESCAPE '\\' LIMIT $2",
+                )
+                .bind(&pattern)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+            })
+            .await?;
+        Ok(sorted_contacts(&rows))
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        if self.writes.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.writes.close().await;
+        self.pool.close().await;
+    }
+}
+
+fn sorted_contacts(rows: &[PgRow]) -> Vec<Contact> {
+    let mut contacts: Vec<Contact> = rows
+        .iter()
+        .map(|row| {
+            let user_id: String = row.get(0);
+            Contact { display_name: display_name_or_id(row.get(1), &user_id), user_id }
+        })
+        .collect();
+    contacts.sort_by_cached_key(|c| c.display_name.to_lowercase());
+    contacts
+}
+
+fn message_from_row(row: &PgRow) -> StoredMessage {
+    let msg_id: Option<String> = row.get(6);
+    StoredMessage {
+        id: row.get(0),
+        sender: row.get(1),
+        sender_display_name: row.get(2),
+        recipient: row.get(3),
+        message: row.get(4),
+        timestamp: row.get(5),
+        msg_id: msg_id.and_then(|text| serde_json::Value::from_str(&text).ok()),
+    }
+}
+
+/// Lost connections, a database shutting down or starting, too many clients, serialization
+/// conflicts: "try again later". Anything else is a real fault.
+fn from_sqlx(error: sqlx::Error) -> StoreError {
+    let transient = match &error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") // connection exception
+                || code.starts_with("57P") // admin shutdown, crash shutdown, cannot connect now
+                || code.starts_with("53") // insufficient resources
+                || code == "40001" // serialization failure
+                || code == "40P01" // deadlock detected
+        }),
+        _ => false,
+    };
+    if transient {
+        StoreError::Unavailable(error.to_string())
+    } else {
+        StoreError::Database(error.to_string())
+    }
+}
+
+
+async fn run_writer(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
+    let mut cache = WriterCache::default();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut shutdown = None;
+        let mut work = Vec::with_capacity(batch.len());
+        for op in batch.drain(..) {
+            match op {
+                WriteOp::Shutdown(done) => shutdown = Some(done),
+                // Anything queued behind the shutdown is refused (its reply is dropped: Closed).
+                _ if shutdown.is_some() => {}
+                op => work.push(op),
+            }
+        }
+        if !work.is_empty() {
+            commit_batch(&pool, &mut cache, work).await;
+        }
+        cache.trim();
+        if let Some(done) = shutdown {
+            queue.close();
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// One operation's outcome, held until the batch commits.
+enum Outcome {
+    Message(Reply<StoredMessage>, Result<StoredMessage, StoreError>),
+    Unit(Reply<()>),
+}
+
+/// Runs a batch in one transaction and answers every operation in it: with its own result once
+/// committed, or with the database's error if the transaction failed (nothing in it is stored).
+async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, work: Vec<WriteOp>) {
+    let mut outcomes = Vec::with_capacity(work.len());
+    let mut ops = work.into_iter();
+    let result: Result<(), sqlx::Error> = async {
+        let mut conn = pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let timestamp = now_iso8601();
+        for op in ops.by_ref() {
+            match op {
+                WriteOp::Append(message, reply) => {
+                    let result = append_one(&mut tx, cache, message, &timestamp).await;
+                    match result {
+                        Ok(stored) => outcomes.push(Outcome::Message(reply, stored)),
+                        Err(error) => {
+                            outcomes.push(Outcome::Message(reply, Err(StoreError::Closed)));
+                            return Err(error);
+                        }
+                    }
+                }
+                WriteOp::Delivered { recipient, ids, reply } => {
+                    outcomes.push(Outcome::Unit(reply));
+                    sqlx::query("DELETE FROM pending WHERE recipient = $1 AND message_id = ANY($2)")
+                        .bind(&recipient)
+                        .bind(&ids)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                WriteOp::UpsertUser(user, reply) => {
+                    outcomes.push(Outcome::Unit(reply));
+                    sqlx::query(
+                        "INSERT INTO users (user_id, display_name, email, updated_at)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (user_id) DO UPDATE SET
+                             display_name = excluded.display_name, email = excluded.email,
+                             updated_at = excluded.updated_at
+                         WHERE users.display_name IS DISTINCT FROM excluded.display_name
+                            OR users.email IS DISTINCT FROM excluded.email",
+                    )
+                    .bind(&user.user_id)
+                    .bind(&user.display_name)
+                    .bind(&user.email)
+                    .bind(&timestamp)
+                    .execute(&mut *tx)
+                    .await?;
+                    cache.users.insert(user.user_id);
+                }
+                WriteOp::Shutdown(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            for outcome in outcomes {
+                match outcome {
+                    Outcome::Message(reply, result) => {
+                        let _ = reply.send(result);
+                    }
+                    Outcome::Unit(reply) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            }
+        }
+        Err(error) => {
+            let error = from_sqlx(error);
+            tracing::error!(%error, "a write batch failed; nothing in it was stored");
+            // The cache may name users or pairs whose insert was rolled back.
+            *cache = WriterCache::default();
+            for outcome in outcomes {
+                match outcome {
+                    Outcome::Message(reply, _) => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    Outcome::Unit(reply) => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+            // Operations the failed transaction never reached fail the same way.
+            for op in ops {
+                match op {
+                    WriteOp::Append(_, reply) => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    WriteOp::Delivered { reply, .. } | WriteOp::UpsertUser(_, reply) => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    WriteOp::Shutdown(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn append_one(
+    tx: &mut PgConnection,
+    cache: &mut WriterCache,
+    message: NewMessage,
+    timestamp: &str,
+) -> Result<Result<StoredMessage, StoreError>, sqlx::Error> {
+    if !cache.users.contains(&message.recipient) {
+        let known = sqlx::query("SELECT 1 FROM users WHERE user_id = $1")
+            .bind(&message.recipient)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        if !known {
+            return Ok(Err(StoreError::UnknownRecipient(message.recipient)));
+        }
+        cache.users.insert(message.recipient.clone());
+    }
+    let msg_id = message.msg_id.as_ref().map(|v| v.to_string());
+    // The message and its pending row in one round trip.
+    let id: i64 = sqlx::query(
+        "WITH m AS (
+             INSERT INTO messages (sender, sender_display_name, recipient, message, timestamp, client_msg_id)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id)
+         INSERT INTO pending (recipient, message_id) SELECT $3, id FROM m RETURNING message_id",
+    )
+    .bind(&message.sender)
+    .bind(&message.sender_display_name)
+    .bind(&message.recipient)
+    .bind(&message.message)
+    .bind(timestamp)
+    .bind(&msg_id)
+    .fetch_one(&mut *tx)
+    .await?
+    .get(0);
+    let pair = (message.sender.clone(), message.recipient.clone());
+    if !cache.contacts.contains(&pair) {
+        sqlx::query(
+            "INSERT INTO contacts (user_id, partner_id) VALUES ($1, $2), ($2, $1)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&message.sender)
+        .bind(&message.recipient)
+        .execute(&mut *tx)
+        .await?;
+        cache.contacts.insert(pair);
+    }
+    Ok(Ok(StoredMessage {
+        id,
+        sender: message.sender,
+        sender_display_name: message.sender_display_name,
+        recipient: message.recipient,
+        message: message.message,
+        timestamp: timestamp.to_string(),
+        msg_id: message.msg_id,
+    }))
+}

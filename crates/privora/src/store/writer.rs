@@ -1,0 +1,85 @@
+//! The plumbing both stores share around their one writer task (group commit): the operations a
+//! writer is asked to do, the queue that carries them with a reply each, and what the writer
+//! remembers between batches. What a batch does in SQL stays in each store.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{NewMessage, StoreError, StoredMessage, UserRecord};
+
+/// Where a writer sends one operation's answer, once its batch is committed (or failed).
+pub type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One write, as queued for the writer task.
+pub enum WriteOp {
+    Append(NewMessage, Reply<StoredMessage>),
+    Delivered { recipient: String, ids: Vec<i64>, reply: Reply<()> },
+    UpsertUser(UserRecord, Reply<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The sending side of a writer task: callers queue an operation and wait for its answer.
+pub struct WriteQueue {
+    writes: mpsc::Sender<WriteOp>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl WriteQueue {
+    /// Starts `run` (the writer task) on a queue of `capacity` operations.
+    pub fn spawn<F, Fut>(capacity: usize, run: F) -> WriteQueue
+    where
+        F: FnOnce(mpsc::Receiver<WriteOp>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (writes, queue) = mpsc::channel(capacity);
+        let writer = tokio::spawn(run(queue));
+        WriteQueue { writes, writer: Mutex::new(Some(writer)) }
+    }
+
+    /// Queues one operation and waits until its batch is committed. `Closed` once shut down.
+    pub async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.writes.is_closed()
+    }
+
+    /// Lets the writer finish everything queued, then waits for it to stop.
+    pub async fn close(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.writes.send(WriteOp::Shutdown(done)).await.is_ok() {
+            let _ = finished.await;
+        }
+        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
+    }
+}
+
+/// Known users and contact pairs the writer remembers, to skip lookups; cleared when full.
+const WRITER_CACHE: usize = 100_000;
+
+/// What a writer remembers between batches to skip lookups and no-op inserts.
+#[derive(Default)]
+pub struct WriterCache {
+    pub users: HashSet<String>,
+    pub contacts: HashSet<(String, String)>,
+}
+
+impl WriterCache {
+    pub fn trim(&mut self) {
+        if self.users.len() > WRITER_CACHE {
+            self.users.clear();
+        }
+        if self.contacts.len() > WRITER_CACHE {
+            self.contacts.clear();
+        }
+    }
+}
