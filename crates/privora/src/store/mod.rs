@@ -75,7 +75,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every conversation partner of `user`, with display names from the users table.
     async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError>;
 
-    /// Creates or refreshes a user (every login does).
+    /// Creates or refreshes a user (every login and every directory sync does). A missing name
+    /// or email keeps the one already known: a token without a `name` claim does not erase the
+    /// display name the directory sync found.
     async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError>;
 
     /// Users whose display name contains `query` (case-insensitive), at most `limit`.

@@ -296,10 +296,11 @@ async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, work: Vec<WriteOp>
                         "INSERT INTO users (user_id, display_name, email, updated_at)
                          VALUES ($1, $2, $3, $4)
                          ON CONFLICT (user_id) DO UPDATE SET
-                             display_name = excluded.display_name, email = excluded.email,
+                             display_name = COALESCE(excluded.display_name, users.display_name),
+                             email = COALESCE(excluded.email, users.email),
                              updated_at = excluded.updated_at
-                         WHERE users.display_name IS DISTINCT FROM excluded.display_name
-                            OR users.email IS DISTINCT FROM excluded.email",
+                         WHERE (excluded.display_name IS NOT NULL AND users.display_name IS DISTINCT FROM excluded.display_name)
+                            OR (excluded.email IS NOT NULL AND users.email IS DISTINCT FROM excluded.email)",
                     )
                     .bind(&user.user_id)
                     .bind(&user.display_name)

@@ -71,6 +71,8 @@ async fn conformance(store: &dyn Store) {
     assert_eq!(store.contacts("a").await.unwrap(), vec![Contact { user_id: "b".into(), display_name: "Ben".into() }]);
 
     store.upsert_user(user("b", Some("Benjamin"))).await.unwrap();
+    // A login whose token has no name keeps the known one.
+    store.upsert_user(user("b", None)).await.unwrap();
     let found = store.search_users("JAM", 10).await.unwrap();
     assert_eq!(found, vec![Contact { user_id: "b".into(), display_name: "Benjamin".into() }]);
     assert!(store.search_users("Ben ", 10).await.unwrap().len() == 1);
