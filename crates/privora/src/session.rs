@@ -224,7 +224,6 @@ impl AwaitingLogin {
     async fn start(&self, identity: Identity) -> Result<(String, String, Online), Error> {
         let state = &self.state;
         let user_id = identity.user_id().to_string();
-        let display_name = display_name_or_id(identity.display_name.clone(), &user_id);
         state
             .store
             .upsert_user(UserRecord {
@@ -233,6 +232,10 @@ impl AwaitingLogin {
                 email: identity.email.clone(),
             })
             .await?;
+        // The name the users table has now: the token's, or the directory's when the token
+        // carries none. Messages this session sends carry it.
+        let known_name = state.store.display_name(&user_id).await?;
+        let display_name = display_name_or_id(known_name.or(identity.display_name), &user_id);
         let contacts = state.store.contacts(&user_id).await?;
         let device = Device { conn: self.conn.id, queue: self.conn.out.clone(), cut_off: self.conn.cut_off.clone() };
         let first_here = state.hub.register(&user_id, device);

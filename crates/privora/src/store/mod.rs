@@ -80,6 +80,9 @@ pub trait Store: Send + Sync + 'static {
     /// display name the directory sync found.
     async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError>;
 
+    /// The user's display name as the users table has it (from logins and the directory sync).
+    async fn display_name(&self, user_id: &str) -> Result<Option<String>, StoreError>;
+
     /// Users whose display name contains `query` (case-insensitive), at most `limit`.
     async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<Contact>, StoreError>;
 

@@ -144,6 +144,15 @@ impl Store for PostgresStore {
         self.writes.write(|reply| WriteOp::UpsertUser(user, reply)).await
     }
 
+    async fn display_name(&self, user_id: &str) -> Result<Option<String>, StoreError> {
+        let row = self
+            .read(|| {
+                sqlx::query("SELECT display_name FROM users WHERE user_id = $1").bind(user_id).fetch_optional(&self.pool)
+            })
+            .await?;
+        Ok(row.and_then(|row| row.get(0)))
+    }
+
     async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<Contact>, StoreError> {
         // ILIKE '%q%' is served by the trigram index (pg_trgm) for queries of three or more
         // characters; shorter ones scan, cut short by the LIMIT.

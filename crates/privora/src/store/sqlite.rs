@@ -145,6 +145,15 @@ impl Store for SqliteStore {
         self.writes.write(|reply| WriteOp::UpsertUser(user, reply)).await
     }
 
+    async fn display_name(&self, user_id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT display_name FROM users WHERE user_id = ?1")
+            .bind(user_id)
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(row.and_then(|row| row.get(0)))
+    }
+
     async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<Contact>, StoreError> {
         let query = query.trim();
         // The trigram index needs at least three characters; shorter queries scan names with

@@ -182,3 +182,13 @@ async fn shutdown_closes_connections_with_going_away() {
     server.stop().await;
     assert_eq!(alice.expect_close().await, 1001);
 }
+
+#[tokio::test]
+async fn a_token_without_a_name_uses_the_name_the_directory_knows() {
+    let server = TestServer::start().await;
+    server.register("alice@example.com", Some("Alice From The Directory")).await;
+    let (mut alice, _) = server.login_as("alice@example.com", None).await;
+    let (mut bob, _) = server.login("bob@example.com").await;
+    alice.message("bob@example.com", "hi").await;
+    assert_eq!(bob.expect_type("message").await["fromDisplayName"], "Alice From The Directory");
+}

@@ -73,6 +73,9 @@ async fn conformance(store: &dyn Store) {
     store.upsert_user(user("b", Some("Benjamin"))).await.unwrap();
     // A login whose token has no name keeps the known one.
     store.upsert_user(user("b", None)).await.unwrap();
+    assert_eq!(store.display_name("b").await.unwrap().as_deref(), Some("Benjamin"));
+    assert_eq!(store.display_name("c").await.unwrap(), None);
+    assert_eq!(store.display_name("nobody").await.unwrap(), None);
     let found = store.search_users("JAM", 10).await.unwrap();
     assert_eq!(found, vec![Contact { user_id: "b".into(), display_name: "Benjamin".into() }]);
     assert!(store.search_users("Ben ", 10).await.unwrap().len() == 1);
