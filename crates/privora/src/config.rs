@@ -75,7 +75,7 @@ pub struct Settings {
     #[arg(long, global = true, env = "PRIVORA_DB_READERS", default_value_t = 4)]
     pub db_readers: u32,
 
-    // --- Firebase (docs/firebase.md) ---------------------------------------------------------
+    // --- Firebase (README, "Firebase") ---------------------------------------------------------
     /// Host:port of the Firebase Auth Emulator. When set, the server runs in Firebase mode
     /// against the emulator: unsigned emulator tokens are accepted. Never set it in production.
     #[arg(long, global = true, env = "FIREBASE_AUTH_EMULATOR_HOST")]
