@@ -97,3 +97,13 @@ pub trait Store: Send + Sync + 'static {
 pub fn display_name_or_id(display_name: Option<String>, user_id: &str) -> String {
     display_name.filter(|n| !n.is_empty()).unwrap_or_else(|| user_id.to_string())
 }
+
+/// Users as `(user_id, display_name)` rows become contacts sorted by name, case-insensitively.
+pub fn contacts_by_name(rows: impl IntoIterator<Item = (String, Option<String>)>) -> Vec<Contact> {
+    let mut contacts: Vec<Contact> = rows
+        .into_iter()
+        .map(|(user_id, name)| Contact { display_name: display_name_or_id(name, &user_id), user_id })
+        .collect();
+    contacts.sort_by_cached_key(|c| c.display_name.to_lowercase());
+    contacts
+}

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use super::sqlite::now_iso8601;
 use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
-use super::{display_name_or_id, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use super::{contacts_by_name, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -187,15 +187,7 @@ impl Store for PostgresStore {
 }
 
 fn sorted_contacts(rows: &[PgRow]) -> Vec<Contact> {
-    let mut contacts: Vec<Contact> = rows
-        .iter()
-        .map(|row| {
-            let user_id: String = row.get(0);
-            Contact { display_name: display_name_or_id(row.get(1), &user_id), user_id }
-        })
-        .collect();
-    contacts.sort_by_cached_key(|c| c.display_name.to_lowercase());
-    contacts
+    contacts_by_name(rows.iter().map(|row| (row.get(0), row.get(1))))
 }
 
 fn message_from_row(row: &PgRow) -> StoredMessage {

@@ -21,7 +21,7 @@ use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::mpsc;
 
 use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
-use super::{display_name_or_id, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use super::{contacts_by_name, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -130,15 +130,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.reads)
         .await
         .map_err(from_sqlx)?;
-        let mut contacts: Vec<Contact> = rows
-            .iter()
-            .map(|row| {
-                let user_id: String = row.get(0);
-                Contact { display_name: display_name_or_id(row.get(1), &user_id), user_id }
-            })
-            .collect();
-        contacts.sort_by(|a, b| a.display_name.to_lowercase().cmp(&b.display_name.to_lowercase()));
-        Ok(contacts)
+        Ok(contacts_by_name(rows.iter().map(|row| (row.get(0), row.get(1)))))
     }
 
     async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
@@ -180,15 +172,7 @@ impl Store for SqliteStore {
             .await
         }
         .map_err(from_sqlx)?;
-        let mut users: Vec<Contact> = rows
-            .iter()
-            .map(|row| {
-                let user_id: String = row.get(0);
-                Contact { display_name: display_name_or_id(row.get(1), &user_id), user_id }
-            })
-            .collect();
-        users.sort_by(|a, b| a.display_name.to_lowercase().cmp(&b.display_name.to_lowercase()));
-        Ok(users)
+        Ok(contacts_by_name(rows.iter().map(|row| (row.get(0), row.get(1)))))
     }
 
     async fn check(&self) -> Result<(), StoreError> {

@@ -298,11 +298,9 @@ impl Client {
 
     /// Expects the server to close the connection; returns the close code.
     pub async fn expect_close(&mut self) -> u16 {
-        loop {
-            match self.next_event().await {
-                Event::Closed(frame) => return frame.map(|f| u16::from(f.code)).unwrap_or(1006),
-                Event::Text(text) => panic!("expected a close, got {text}"),
-            }
+        match self.next_event().await {
+            Event::Closed(frame) => frame.map(|f| u16::from(f.code)).unwrap_or(1006),
+            Event::Text(text) => panic!("expected a close, got {text}"),
         }
     }
 
