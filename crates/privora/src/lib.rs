@@ -3,9 +3,13 @@
 
 pub mod api;
 pub mod auth;
+pub mod client_addr;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod metrics;
+pub mod openapi;
+pub mod web;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -59,7 +59,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             return Err(StartError::FirebaseNotBuilt(credentials.display().to_string()))
         }
     };
-    let store = open_store(&config).await?;
+    let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore(open_store(&config).await?));
+    crate::metrics::install();
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -72,6 +73,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
     });
+    tokio::spawn(crate::metrics::upkeep(state.shutdown.clone()));
     let app = crate::api::router(state.clone());
     let stop = state.shutdown.clone();
     let serve = tokio::spawn(async move {

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Identity;
 use crate::error::Error;
 use crate::hub::{ConnId, Device, OutFrame, Outbound};
+use crate::metrics;
 use crate::server::AppState;
 use crate::store::{display_name_or_id, NewMessage, StoredMessage, UserRecord};
 
@@ -45,6 +46,7 @@ const WRITE_BATCH: usize = 256;
 
 /// Runs one connection to its end.
 pub async fn run(socket: WebSocket, state: Arc<AppState>) {
+    let _open = metrics::connection();
     let (sink, mut stream) = socket.split();
     let (out, queue) = mpsc::channel(state.config.outbound_queue);
     let conn = Conn {
@@ -94,6 +96,7 @@ impl Conn {
 
     async fn error(&self, error: &Error) {
         tracing::debug!(conn = self.id, code = error.code().as_str(), %error, "error frame");
+        metrics::error(error.code(), metrics::Via::WebSocket);
         self.reply(&error.frame()).await;
     }
 
@@ -188,12 +191,15 @@ impl AwaitingLogin {
             Ok(identity) => identity,
             Err(reason) => {
                 tracing::info!(conn = self.conn.id, %reason, "login refused");
+                metrics::login(metrics::Login::InvalidToken);
                 self.conn.error(&Error::InvalidToken(reason)).await;
                 self.conn.close(CLOSE_POLICY, "invalid token").await;
                 return None;
             }
         };
-        match self.start(identity).await {
+        let started = self.start(identity).await;
+        metrics::login(if started.is_ok() { metrics::Login::Ok } else { metrics::Login::Failed });
+        match started {
             Ok((user_id, display_name, online)) => Some(Active {
                 limiter: self.state.config.rate_limit.map(RateLimiter::new),
                 state: self.state,
@@ -263,7 +269,7 @@ fn login_burst(
             id: m.id,
             msg_id: m.msg_id.clone(),
         });
-        frames.push(OutFrame { text: frame.encode().into(), delivers: Some(m.id) });
+        frames.push(OutFrame { text: frame.encode().into(), delivers: Some(m.id), committed: None });
     }
     let messages = history
         .iter()
@@ -365,6 +371,8 @@ impl Active {
                 msg_id,
             })
             .await?;
+        metrics::message_in();
+        let committed = Some(Instant::now());
         let recipient = stored.recipient.clone();
         let frame = ServerFrame::Message(LiveMessage {
             from: stored.sender,
@@ -375,7 +383,7 @@ impl Active {
             id: stored.id,
             msg_id: stored.msg_id,
         });
-        self.state.hub.send(&recipient, &OutFrame { text: frame.encode().into(), delivers: Some(stored.id) });
+        self.state.hub.send(&recipient, &OutFrame { text: frame.encode().into(), delivers: Some(stored.id), committed });
         Ok(())
     }
 
@@ -550,7 +558,10 @@ async fn write_loop(
                     continue;
                 }
                 item = queue.recv() => match item {
-                    Some(item) => item,
+                    Some(item) => {
+                        metrics::outbound_queue(queue.len());
+                        item
+                    }
                     None => return Ok(()),
                 },
             };
@@ -633,6 +644,7 @@ async fn write_frame(
 ) -> Result<(), axum::Error> {
     sink.feed(Message::Text(frame.text)).await?;
     if let Some(id) = frame.delivers {
+        metrics::message_out(frame.committed);
         lock(tracker).unpinged.push(id);
     }
     Ok(())

@@ -78,6 +78,7 @@ impl SqliteStore {
 
     async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
+        crate::metrics::store_queue(self.writes.max_capacity() - self.writes.capacity());
         self.writes.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
@@ -196,6 +197,14 @@ impl Store for SqliteStore {
             .collect();
         users.sort_by(|a, b| a.display_name.to_lowercase().cmp(&b.display_name.to_lowercase()));
         Ok(users)
+    }
+
+    async fn pending_count(&self) -> Result<Option<u64>, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pending")
+            .fetch_one(&self.reads)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(Some(count.max(0) as u64))
     }
 
     async fn check(&self) -> Result<(), StoreError> {
