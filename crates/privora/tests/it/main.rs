@@ -8,3 +8,7 @@ mod delivery;
 mod errors;
 mod rest;
 mod store;
+// deployment and operations (issue 7)
+mod browser;
+mod nginx;
+mod ops;
