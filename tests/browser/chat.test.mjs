@@ -119,6 +119,28 @@ try {
   mkdirSync(dirname(screenshot), { recursive: true });
   await alice.screenshot({ path: screenshot });
   console.log(`screenshot: ${screenshot}`);
+
+  // An error frame, in words, and an automatic reconnect: a frame over the server's hard limit
+  // is answered with `too_large` and the connection is closed (1009). The page must say why,
+  // show the reconnecting state, and come back online by itself.
+  await alice.evaluate(() => {
+    window.statusSeen = [];
+    const status = document.querySelector("#status");
+    new MutationObserver(() => window.statusSeen.push(status.dataset.state)).observe(status, { attributes: true });
+  });
+  await alice.fill("#draft", "x".repeat(300 * 1024));
+  await alice.press("#draft", "Enter");
+  const failed = alice.locator(".msg.failed .meta");
+  await failed.waitFor();
+  check((await failed.textContent()).includes("too long"), "the refused message says, in words, that it is too long");
+  check((await alice.locator(".toast").first().textContent()).includes("too long"), "a notice says so too");
+  await alice.waitForFunction(() => {
+    const seen = window.statusSeen.join(" ");
+    return /connecting.*online/.test(seen) && document.querySelector("#status").dataset.state === "online";
+  });
+  check(true, "the page showed it was reconnecting and came back online by itself");
+  await say(alice, "Still here.");
+  await sees(bob, "Still here.", "Bob (after Alice's reconnect)");
 } catch (error) {
   failed = true;
   console.error(`not ok - ${error.stack || error}`);
