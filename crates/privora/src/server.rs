@@ -59,8 +59,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             return Err(StartError::FirebaseNotBuilt(credentials.display().to_string()))
         }
     };
-    let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore(open_store(&config).await?));
     crate::metrics::install();
+    let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore(open_store(&config).await?));
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind { addr: config.listen, source })?;
