@@ -196,6 +196,7 @@ pub struct HistoryEntry {
 
 /// A conversation partner, in `contacts` frames and `/search-users` results.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Contact {
     #[serde(rename = "userId")]
     pub user_id: String,

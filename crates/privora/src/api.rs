@@ -9,13 +9,16 @@ use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, ORIGIN};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use privora_protocol::Contact;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 
 use crate::auth::Identity;
+use crate::client_addr::ClientAddr;
 use crate::error::Error;
 use crate::server::AppState;
 use crate::session;
@@ -33,7 +36,12 @@ pub fn router(state: SharedState) -> Router {
         .route("/search-users", get(search_users))
         .route("/ws_test", get(ws_test))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        // deployment and operations (issue 7)
+        .route("/metrics", get(crate::metrics::render))
+        .route("/openapi.json", get(crate::openapi::document))
+        .route("/config", get(crate::web::config))
+        .route("/dev/token", post(crate::web::dev_token));
     let origins = state.config.allowed_origins.clone();
     let cors = CorsLayer::new()
         .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
@@ -42,22 +50,34 @@ pub fn router(state: SharedState) -> Router {
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
         .allow_headers([AUTHORIZATION, CONTENT_TYPE])
         .max_age(std::time::Duration::from_secs(3600));
-    Router::new()
+    let mut app = Router::new()
         .route("/ws", get(websocket))
         .route("/ws/", get(websocket))
         .merge(rest.clone())
-        .nest("/api", rest)
-        .layer(cors)
-        .with_state(state)
+        .nest("/api", rest);
+    if let Some(files) = crate::web::files(&state) {
+        app = app.fallback_service(files);
+    }
+    // Requests are logged with their path only: queries (search text) and headers (tokens)
+    // stay out of the logs.
+    let trace = TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<axum::body::Body>| {
+        tracing::debug_span!("http", method = %request.method(), path = %request.uri().path())
+    });
+    app.layer(cors).layer(trace).with_state(state)
 }
 
 /// Upgrades to a WebSocket after checking the browser's `Origin` (CORS does not protect
 /// WebSockets). Native clients send no `Origin` and are let through; so are same-origin pages.
-async fn websocket(ws: WebSocketUpgrade, headers: HeaderMap, State(state): State<SharedState>) -> Result<Response, Error> {
+async fn websocket(
+    ws: WebSocketUpgrade,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    State(state): State<SharedState>,
+) -> Result<Response, Error> {
     if let Some(origin) = headers.get(ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !state.config.allowed_origins.allows(origin) && !same_origin(origin, headers.get(HOST)) {
-            tracing::info!(%origin, "WebSocket refused: origin not allowed");
+            tracing::info!(%origin, %client, "WebSocket refused: origin not allowed");
             return Err(Error::ForbiddenOrigin(origin.to_string()));
         }
     }
@@ -70,7 +90,10 @@ async fn websocket(ws: WebSocketUpgrade, headers: HeaderMap, State(state): State
         .read_buffer_size(WS_READ_BUFFER)
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| sessions.track_future(session::run(socket, state))))
+        .on_upgrade(move |socket| {
+            let span = tracing::info_span!("ws", %client);
+            sessions.track_future(session::run(socket, state).instrument(span))
+        }))
 }
 
 fn same_origin(origin: &str, host: Option<&HeaderValue>) -> bool {
@@ -100,7 +123,18 @@ impl FromRequestParts<SharedState> for Authenticated {
 }
 
 /// `GET /search-users?q=<text>[&limit=N]`: users whose display name contains `q`.
-async fn search_users(
+#[utoipa::path(get, path = "/search-users", tag = "chat",
+    params(
+        ("q" = String, Query, description = "Text the display name contains (case-insensitive), 1 to 100 characters"),
+        ("limit" = Option<u32>, Query, description = "At most this many results, 1 to 100 (default 20)"),
+    ),
+    responses(
+        (status = 200, description = "Matching users", body = [Contact]),
+        (status = 400, description = "q is empty or too long, or limit is out of range"),
+        (status = 401, description = "No token, or a token that does not verify"),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn search_users(
     Authenticated(_): Authenticated,
     Query(params): Query<HashMap<String, String>>,
     State(state): State<SharedState>,
@@ -127,18 +161,24 @@ async fn search_users(
 }
 
 /// `GET /ws_test`: checks a token, as the original.
-async fn ws_test(Authenticated(identity): Authenticated) -> Json<serde_json::Value> {
+#[utoipa::path(get, path = "/ws_test", tag = "chat",
+    responses((status = 200, description = "The token is valid"), (status = 401, description = "It is not")),
+    security(("bearer" = [])))]
+pub(crate) async fn ws_test(Authenticated(identity): Authenticated) -> Json<serde_json::Value> {
     Json(json!({"message": "WebSocket connection secured!", "email": identity.user_id()}))
 }
 
 /// Alive: the process answers.
-async fn healthz() -> Json<serde_json::Value> {
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
+pub(crate) async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// Ready: the database answers. In Firebase mode it also says how old the last directory sync
 /// is (search answers from it; a failing sync does not make the server unready).
-async fn readyz(State(state): State<SharedState>) -> Response {
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "Ready"), (status = 503, description = "The database does not answer")))]
+pub(crate) async fn readyz(State(state): State<SharedState>) -> Response {
     match state.store.check().await {
         Ok(()) => {
             let mut body = json!({"status": "ready", "online_users": state.hub.online_users()});

@@ -6,10 +6,12 @@
 //! typo is reported before anything listens.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
+
+pub use crate::client_addr::TrustedProxies;
 
 /// The raw settings, shared by every subcommand that touches the database or tokens.
 #[derive(Debug, Clone, Args)]
@@ -119,6 +121,33 @@ pub struct Settings {
     /// Log filter, as `RUST_LOG` (e.g. `info`, `privora=debug`).
     #[arg(long, global = true, env = "PRIVORA_LOG", default_value = "info")]
     pub log: String,
+
+    // --- deployment and operations (issue 7) ---
+    /// Log format: `text` for people, `json` (one object a line) for log collectors.
+    #[arg(long, global = true, value_enum, env = "PRIVORA_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Directory of the web client served at `/`. Defaults to the repository's `web/` (as built);
+    /// `none` serves no web client.
+    #[arg(long, global = true, env = "PRIVORA_WEB_DIR")]
+    pub web_dir: Option<String>,
+
+    /// The Firebase Web SDK configuration (a JSON object: apiKey, authDomain, projectId, ...),
+    /// handed to the web client at `/api/config` so it can sign people in with Firebase.
+    #[arg(long, global = true, env = "PRIVORA_FIREBASE_WEB_CONFIG")]
+    pub firebase_web_config: Option<String>,
+
+    /// Reverse proxies whose `X-Forwarded-For` is believed (comma-separated IPs or CIDRs, e.g.
+    /// `127.0.0.1,10.0.0.0/8`). From any other peer the header is ignored.
+    #[arg(long, global = true, env = "PRIVORA_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Which kind of database, and where.
@@ -216,6 +245,11 @@ pub struct Config {
     pub db_pool: u32,
     /// None: one node, in-process fan-out and presence.
     pub redis: Option<RedisConfig>,
+    /// Where the web client's files are, when it is served.
+    pub web_dir: Option<PathBuf>,
+    /// The Firebase Web SDK configuration for the web client, when sign-in uses Firebase.
+    pub firebase_web_config: Option<serde_json::Value>,
+    pub trusted_proxies: TrustedProxies,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -266,6 +300,10 @@ pub enum ConfigError {
     EmulatorProject,
     #[error("FIREBASE_AUTH_EMULATOR_HOST {0:?} is not a host:port like 127.0.0.1:9099")]
     EmulatorHost(String),
+    #[error("PRIVORA_TRUSTED_PROXIES entry {0:?} is not an IP address or a CIDR like 10.0.0.0/8")]
+    TrustedProxy(String),
+    #[error("PRIVORA_FIREBASE_WEB_CONFIG must be a JSON object (the Firebase console's web app config): {0}")]
+    FirebaseWebConfig(String),
 }
 
 impl Settings {
@@ -315,6 +353,9 @@ impl Settings {
             db_readers: self.db_readers,
             db_pool: self.db_pool,
             redis,
+            web_dir: resolve_web_dir(self.web_dir.as_deref()),
+            firebase_web_config: parse_firebase_web_config(self.firebase_web_config.as_deref())?,
+            trusted_proxies: TrustedProxies::parse(&self.trusted_proxies).map_err(ConfigError::TrustedProxy)?,
         })
     }
 
@@ -394,6 +435,28 @@ fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
         return Err(ConfigError::DatabaseUrl(url.to_string()));
     }
     Ok(Database::Sqlite { path: PathBuf::from(url) })
+}
+
+/// `PRIVORA_WEB_DIR`, or the repository's `web/` when this binary was built from a checkout
+/// that still has it (so `cargo run` serves the client with no setting at all).
+fn resolve_web_dir(setting: Option<&str>) -> Option<PathBuf> {
+    match setting.map(str::trim) {
+        Some("none") | Some("") => None,
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web");
+            built.is_dir().then_some(built)
+        }
+    }
+}
+
+fn parse_firebase_web_config(text: Option<&str>) -> Result<Option<serde_json::Value>, ConfigError> {
+    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else { return Ok(None) };
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(value @ serde_json::Value::Object(_)) => Ok(Some(value)),
+        Ok(_) => Err(ConfigError::FirebaseWebConfig("it is not an object".into())),
+        Err(e) => Err(ConfigError::FirebaseWebConfig(e.to_string())),
+    }
 }
 
 fn parse_origins(list: &str) -> Result<AllowedOrigins, ConfigError> {
@@ -489,5 +552,15 @@ mod tests {
         let production = parse(&["--firebase-credentials", "/etc/sa.json", "--directory-sync", "0"]).unwrap();
         let AuthMode::Firebase(firebase) = production.auth else { panic!("not Firebase mode") };
         assert_eq!(firebase.directory_sync, None);
+    }
+
+    #[test]
+    fn firebase_web_config_must_be_an_object() {
+        assert_eq!(parse_firebase_web_config(None).unwrap(), None);
+        assert_eq!(parse_firebase_web_config(Some(" ")).unwrap(), None);
+        let config = parse_firebase_web_config(Some(r#"{"apiKey":"k","projectId":"p"}"#)).unwrap().unwrap();
+        assert_eq!(config["projectId"], "p");
+        assert!(parse_firebase_web_config(Some("[1]")).is_err());
+        assert!(parse_firebase_web_config(Some("{apiKey:")).is_err());
     }
 }

@@ -132,6 +132,7 @@ impl From<StoreError> for Error {
 /// and, for token errors, the precise reason.
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
+        crate::metrics::error(self.code(), crate::metrics::Via::Http);
         let body = match &self {
             Error::InvalidToken(reason) => {
                 json!({"detail": "Invalid token", "code": self.rest_code(), "reason": reason.to_string()})

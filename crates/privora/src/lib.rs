@@ -3,11 +3,15 @@
 
 pub mod api;
 pub mod auth;
+pub mod client_addr;
 pub mod config;
 pub mod directory;
 pub mod error;
 pub mod firebase;
 pub mod hub;
+pub mod metrics;
+pub mod openapi;
+pub mod web;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use privora::auth::dev::DevVerifier;
-use privora::config::{AuthMode, Settings};
+use privora::config::{AuthMode, LogFormat, Settings};
 use privora::store::UserRecord;
 
 #[derive(Parser)]
@@ -34,6 +34,9 @@ enum Command {
     },
     /// Create or update the database schema, then exit (`serve` does this by itself too).
     Migrate,
+    /// Exit 0 if the server on --listen answers `/healthz` (the container's HEALTHCHECK, so the
+    /// image needs no curl).
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -47,11 +50,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.settings.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.settings.log_format {
+        LogFormat::Text => logs.init(),
+        // One JSON object a line, with the span fields (client address, ...) flattened in.
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -96,6 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("privora: the database schema is up to date");
             Ok(())
         }
+        Command::Healthcheck => healthcheck(config.listen).await,
     }
 }
 
@@ -113,6 +121,9 @@ async fn serve(config: privora::config::Config) -> anyhow::Result<()> {
         auth = ?server.state().verifier,
         "privora is listening (WebSocket at /ws)"
     );
+    if config.web_dir.is_some() {
+        tracing::info!("web client: open http://{}/ in a browser", server.addr());
+    }
     tokio::select! {
         result = server.wait() => {
             result?;
@@ -123,6 +134,30 @@ async fn serve(config: privora::config::Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: closing connections, finishing writes");
     server.shutdown().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// GET /healthz on our own port (127.0.0.1 when listening on all addresses); 200 or an error.
+async fn healthcheck(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let check = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        Ok::<_, std::io::Error>(head)
+    };
+    let head = tokio::time::timeout(Duration::from_secs(3), check)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within 3 s"))?
+        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {e}"))?;
+    if &head[9..12] != b"200" {
+        anyhow::bail!("{addr}/healthz answered {}", String::from_utf8_lossy(&head));
+    }
     Ok(())
 }
 

@@ -58,8 +58,9 @@ pub struct RunningServer {
 
 /// Opens the store, binds the listener and starts serving.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    crate::metrics::install();
     // The store first: it creates the database's folder, where the development secret lives.
-    let store = open_store(&config).await?;
+    let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore(open_store(&config).await?));
     let (verifier, firebase) = match &config.auth {
         AuthMode::Development { secret } => (Verifier::Development(DevVerifier::new(secret)?), None),
         AuthMode::Firebase(firebase) => {
@@ -90,6 +91,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     if let Broker::Redis(redis) = state.hub.broker() {
         crate::hub::redis::spawn(state.clone(), redis.clone());
     }
+    tokio::spawn(crate::metrics::upkeep(state.shutdown.clone()));
     let app = crate::api::router(state.clone());
     let stop = state.shutdown.clone();
     let serve = tokio::spawn(async move {

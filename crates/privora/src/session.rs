@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Identity;
 use crate::error::Error;
 use crate::hub::{ConnId, Device, OutFrame, Outbound};
+use crate::metrics;
 use crate::server::AppState;
 use crate::store::{display_name_or_id, NewMessage, StoredMessage, UserRecord};
 
@@ -48,6 +49,7 @@ const REMEMBERED_IDS: usize = 4096;
 
 /// Runs one connection to its end.
 pub async fn run(socket: WebSocket, state: Arc<AppState>) {
+    let _open = metrics::connection();
     let (sink, mut stream) = socket.split();
     let (out, queue) = mpsc::channel(state.config.outbound_queue);
     let conn = Conn {
@@ -97,6 +99,7 @@ impl Conn {
 
     async fn error(&self, error: &Error) {
         tracing::debug!(conn = self.id, code = error.code().as_str(), %error, "error frame");
+        metrics::error(error.code(), metrics::Via::WebSocket);
         self.reply(&error.frame()).await;
     }
 
@@ -194,13 +197,18 @@ impl AwaitingLogin {
                 let error = Error::from(reason);
                 self.conn.error(&error).await;
                 match error {
-                    Error::InvalidToken(_) => self.conn.close(CLOSE_POLICY, "invalid token").await,
+                    Error::InvalidToken(_) => {
+                        metrics::login(metrics::Login::InvalidToken);
+                        self.conn.close(CLOSE_POLICY, "invalid token").await
+                    }
                     _ => self.conn.close(CLOSE_TRY_AGAIN, "login failed, try again").await,
                 }
                 return None;
             }
         };
-        match self.start(identity).await {
+        let started = self.start(identity).await;
+        metrics::login(if started.is_ok() { metrics::Login::Ok } else { metrics::Login::Failed });
+        match started {
             Ok((user_id, display_name, online)) => Some(Active {
                 limiter: self.state.config.rate_limit.map(RateLimiter::new),
                 state: self.state,
@@ -276,7 +284,7 @@ fn login_burst(
             id: m.id,
             msg_id: m.msg_id.clone(),
         });
-        frames.push(OutFrame { text: frame.encode().into(), delivers: Some(m.id) });
+        frames.push(OutFrame { text: frame.encode().into(), delivers: Some(m.id), committed: None });
     }
     let messages = history
         .iter()
@@ -378,6 +386,7 @@ impl Active {
                 msg_id,
             })
             .await?;
+        metrics::message_in();
         self.state.hub.send(&stored.recipient, &live_frame(&stored));
         Ok(())
     }
@@ -418,7 +427,8 @@ pub(crate) fn live_frame(stored: &StoredMessage) -> OutFrame {
         id: stored.id,
         msg_id: stored.msg_id.clone(),
     });
-    OutFrame { text: frame.encode().into(), delivers: Some(stored.id) }
+    // Delivery latency is measured from here: the message was committed just before.
+    OutFrame { text: frame.encode().into(), delivers: Some(stored.id), committed: Some(std::time::Instant::now()) }
 }
 
 /// Tells `user_id`'s contacts, wherever they are connected, that it came online or went offline.
@@ -627,6 +637,7 @@ impl Writer {
     async fn write(&mut self, frame: OutFrame) -> Result<(), axum::Error> {
         self.sink.feed(Message::Text(frame.text)).await?;
         if let Some(id) = frame.delivers {
+            metrics::message_out(frame.committed);
             lock(&self.tracker).unpinged.push(id);
         }
         Ok(())
@@ -678,7 +689,10 @@ async fn write_loop(
                     continue;
                 }
                 item = queue.recv() => match item {
-                    Some(item) => item,
+                    Some(item) => {
+                        metrics::outbound_queue(queue.len());
+                        item
+                    }
                     None => return Ok(()),
                 },
             };

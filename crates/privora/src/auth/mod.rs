@@ -83,6 +83,15 @@ impl Verifier {
         }
     }
 
+    /// The development token maker, when this process runs in development auth mode (the web
+    /// client's `/api/dev/token` exists only then).
+    pub fn dev_tokens(&self) -> Option<&dev::DevVerifier> {
+        match self {
+            Verifier::Development(v) => Some(v),
+            Verifier::Firebase(_) => None,
+        }
+    }
+
     /// Words for the start-up log.
     pub fn describe(&self) -> &'static str {
         match self {

@@ -29,11 +29,13 @@ pub struct OutFrame {
     /// The stored message this frame delivers, if any: its delivery is confirmed once the
     /// client answers a WebSocket ping sent after it.
     pub delivers: Option<i64>,
+    /// When a live message was committed, for the delivery-latency metric.
+    pub committed: Option<std::time::Instant>,
 }
 
 impl OutFrame {
     pub fn plain(text: impl Into<Utf8Bytes>) -> OutFrame {
-        OutFrame { text: text.into(), delivers: None }
+        OutFrame { text: text.into(), delivers: None, committed: None }
     }
 }
 

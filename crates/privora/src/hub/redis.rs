@@ -378,7 +378,7 @@ async fn subscriber(state: Arc<AppState>, broker: Arc<RedisBroker>) {
 fn deliver(state: &AppState, payload: &[u8]) {
     match serde_json::from_slice::<Envelope>(payload) {
         Ok(envelope) => {
-            state.hub.deliver_local(&envelope.u, &OutFrame { text: envelope.t.into(), delivers: envelope.d });
+            state.hub.deliver_local(&envelope.u, &OutFrame { text: envelope.t.into(), delivers: envelope.d, committed: None });
         }
         Err(error) => tracing::warn!(%error, "ignoring a malformed frame from Redis"),
     }

@@ -86,6 +86,12 @@ pub trait Store: Send + Sync + 'static {
     /// Users whose display name contains `query` (case-insensitive), at most `limit`.
     async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<Contact>, StoreError>;
 
+    /// How many messages wait for delivery in all, for the `privora_pending_messages` gauge.
+    /// None when a backend cannot count cheaply (the gauge is then left out).
+    async fn pending_count(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+
     /// Is the database reachable? (For `/readyz`.)
     async fn check(&self) -> Result<(), StoreError>;
 

@@ -172,6 +172,12 @@ impl Store for PostgresStore {
         Ok(sorted_contacts(&rows))
     }
 
+    async fn pending_count(&self) -> Result<Option<u64>, StoreError> {
+        let count: i64 =
+            self.read(|| sqlx::query_scalar("SELECT count(*) FROM pending").fetch_one(&self.pool)).await?;
+        Ok(Some(count.max(0) as u64))
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         if self.writes.is_closed() {
             return Err(StoreError::Closed);

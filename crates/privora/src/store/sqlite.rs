@@ -175,6 +175,14 @@ impl Store for SqliteStore {
         Ok(contacts_by_name(rows.iter().map(|row| (row.get(0), row.get(1)))))
     }
 
+    async fn pending_count(&self) -> Result<Option<u64>, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pending")
+            .fetch_one(&self.reads)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(Some(count.max(0) as u64))
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reads).await.map_err(from_sqlx)?;
         if self.writes.is_closed() {

@@ -12,3 +12,7 @@ mod firebase_oauth;
 mod firebase_tokens;
 mod rest;
 mod store;
+// deployment and operations (issue 7)
+mod browser;
+mod nginx;
+mod ops;

@@ -241,8 +241,7 @@ pub enum Event {
 impl Client {
     /// A WebSocket connection to `url` that has not logged in.
     pub async fn connect_to(url: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connects");
-        Client { ws }
+        Client::connect_url(url, None).await
     }
 
     /// Sends `login` with `token` and reads the login burst.
@@ -388,4 +387,59 @@ impl Client {
         frames.extend(self.sync().await);
         frames
     }
+}
+
+// --- deployment and operations (issue 7) -------------------------------------------------------
+
+/// The repository's root directory (where web/, deploy/ and tests/browser/ are).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The first of `candidates` that is an executable file, or a panic that says how to get it:
+/// a test whose tool is missing fails, it does not skip.
+pub fn require_program(what: &str, candidates: &[&str], install: &str) -> PathBuf {
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{what} is not installed ({}); scripts/test installs it: {install}", candidates.join(", ")))
+}
+
+/// A free TCP port on 127.0.0.1 (for a child process that cannot be told to use port 0).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+impl TestServer {
+    pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = reqwest::Client::new().post(self.url(path)).json(&body).send().await.expect("HTTP request");
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        get_text(&self.url(path)).await
+    }
+}
+
+/// GET any URL (e.g. through a proxy) and return the status and body text.
+pub async fn get_text(url: &str) -> (u16, String) {
+    let response = reqwest::get(url).await.expect("HTTP request");
+    (response.status().as_u16(), response.text().await.unwrap_or_default())
+}
+
+impl Client {
+    /// A WebSocket to any URL (e.g. through a proxy), sending `origin` like a browser would.
+    pub async fn connect_url(url: &str, origin: Option<&str>) -> Client {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request().expect("WebSocket URL");
+        if let Some(origin) = origin {
+            request.headers_mut().insert("Origin", origin.parse().expect("origin header"));
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("WebSocket connects");
+        Client { ws }
+    }
+
 }
