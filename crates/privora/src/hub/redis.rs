@@ -106,12 +106,14 @@ return flags
 /// ARGV: node, ttl ms, user prefix, user suffix, users...
 const HEARTBEAT: &str = r"
 local now = now_ms()
-redis.call('ZADD', KEYS[1], now, ARGV[1])
+local rejoined = redis.call('ZADD', KEYS[1], now, ARGV[1])
 for i = 5, #ARGV do
   redis.call('SADD', KEYS[2], ARGV[i])
   redis.call('SADD', ARGV[3] .. ARGV[i] .. ARGV[4], ARGV[1])
 end
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])))
+local answer = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])))
+table.insert(answer, 1, tostring(rejoined))
+return answer
 ";
 
 const NODES: &str = "privora:nodes";
@@ -403,24 +405,41 @@ async fn heartbeat(state: Arc<AppState>, broker: Arc<RedisBroker>) {
     let every = Duration::from_millis((broker.ttl_ms / 3).max(200));
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The very first beat always adds this node; that is a start, not a rejoin.
+    let mut first = true;
     loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
         match beat(&state, &broker).await {
-            Ok(dead) => {
+            Ok(Beat { rejoined, dead }) => {
+                if rejoined && !first {
+                    tracing::warn!(node = %broker.node, "this node had dropped out of the live set; catching up");
+                    catch_up(&state).await;
+                }
                 for node in dead {
                     reap(&state, &broker, &node).await;
                 }
+                first = false;
             }
             Err(error) => tracing::debug!(%error, "heartbeat failed"),
         }
     }
 }
 
-/// One heartbeat; returns the nodes that have stopped beating.
-async fn beat(state: &AppState, broker: &RedisBroker) -> Result<Vec<String>, redis::RedisError> {
+/// What one heartbeat found.
+struct Beat {
+    /// This node was not in the live set: it had been reaped (a stall longer than the TTL) or
+    /// Redis restarted empty. Its users were just written back; what was published to them
+    /// meanwhile went nowhere and must be caught up from the store.
+    rejoined: bool,
+    /// Other nodes that have stopped beating.
+    dead: Vec<String>,
+}
+
+/// One heartbeat: refreshes this node and its users in the presence map.
+async fn beat(state: &AppState, broker: &RedisBroker) -> Result<Beat, redis::RedisError> {
     let users = state.hub.local_users();
     let mut invocation = broker.scripts.heartbeat.key(NODES);
     invocation
@@ -432,8 +451,9 @@ async fn beat(state: &AppState, broker: &RedisBroker) -> Result<Vec<String>, red
     for user in &users {
         invocation.arg(user);
     }
-    let dead: Vec<String> = invocation.invoke_async(&mut broker.conn.clone()).await?;
-    Ok(dead.into_iter().filter(|n| n != &broker.node).collect())
+    let mut answer: Vec<String> = invocation.invoke_async(&mut broker.conn.clone()).await?;
+    let rejoined = !answer.is_empty() && answer.remove(0) == "1";
+    Ok(Beat { rejoined, dead: answer.into_iter().filter(|n| n != &broker.node).collect() })
 }
 
 /// Cleans up after a dead node, if this node wins the claim on it: its users go offline for

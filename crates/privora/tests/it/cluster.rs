@@ -133,6 +133,37 @@ async fn a_killed_node_s_users_go_offline_and_get_every_message_on_another_node(
 }
 
 #[tokio::test]
+async fn a_stalled_node_that_was_reaped_catches_up_when_it_wakes() {
+    let (_redis, one, two) = two_nodes().await;
+    let (mut bob, _) = two.login("bob").await;
+    let (mut alice, _) = one.login("alice").await;
+    send_checked(&mut bob, "alice", "hi").await.unwrap();
+    alice.expect_type("message").await;
+
+    // Bob's node stalls longer than the presence TTL: the other node reaps it.
+    two.pause();
+    loop {
+        let (user, status) = presence(&alice.recv_json().await);
+        if user == "bob" && status == "offline" {
+            break;
+        }
+    }
+    // Sent while nobody in Redis knows where bob is: stored, published nowhere.
+    let mut sent = BTreeSet::new();
+    for i in 0..5 {
+        let text = format!("while stalled {i}");
+        send_checked(&mut alice, "bob", &text).await.unwrap();
+        sent.insert(text);
+    }
+    // The node wakes up, finds it had dropped out, writes its users back and catches up:
+    // bob gets them on the connection he never left.
+    two.resume();
+    assert_eq!(read_messages(&mut bob, sent.len()).await, sent);
+    send_checked(&mut alice, "bob", "and live again").await.unwrap();
+    assert_eq!(bob.expect_type("message").await["message"], "and live again");
+}
+
+#[tokio::test]
 async fn redis_restarting_under_traffic_loses_nothing_and_duplicates_nothing() {
     let (mut redis, one, two) = two_nodes().await;
     let (mut bob, _) = two.login("bob").await;

@@ -66,7 +66,7 @@ async fn dev_token_refuses_insane_names() {
     for body in [json!({"name": ""}), json!({"name": "<b>x</b>"}), json!({"name": "x".repeat(41)}), json!({"nome": "x"})] {
         let (status, answer) = server.post_json("/dev/token", body.clone()).await;
         assert_eq!(status, 400, "{body} -> {answer}");
-        assert_eq!(answer["code"], "bad_frame");
+        assert_eq!(answer["code"], "bad_request");
         assert!(answer["detail"].as_str().unwrap().contains("name"), "{answer}");
     }
     let (status, _) = server.post_json("/dev/token", json!({"name": "Bob", "userId": "bob smith"})).await;

@@ -161,6 +161,15 @@ impl Node {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP / SIGCONT: a node that stalls (a VM pause, a swap storm) and then goes on.
+    pub fn pause(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -323,4 +332,9 @@ fn path_str(path: &Path) -> &str {
 
 fn running_as_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+fn signal(pid: u32, which: &str) {
+    let status = Command::new("kill").args([which, &pid.to_string()]).status().expect("kill runs");
+    assert!(status.success(), "kill {which} {pid} failed");
 }
