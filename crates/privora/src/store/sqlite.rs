@@ -368,7 +368,9 @@ async fn write_batch(
     }
     let timestamp = now_iso8601();
     let mut results = Vec::with_capacity(work.len());
-    let mut tx = conn.begin().await?;
+    // IMMEDIATE: take the write lock up front, waiting (busy_timeout) for another process
+    // (`privora token`, a second server) instead of failing on a read-to-write upgrade.
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     for op in work {
         match op {
             Work::Append(message) => {
