@@ -594,14 +594,16 @@ async fn write_loop(
                 written += 1;
                 next = if written < WRITE_BATCH { queue.try_recv().ok() } else { None };
             }
-            sink.flush().await?;
+            // The delivery ping goes out in the same write as the frames it follows: one
+            // syscall per batch, not two.
             let ping = {
                 let mut tracker = lock(&tracker);
                 tracker.wants_delivery_ping().then(|| tracker.ping())
             };
             if let Some(seq) = ping {
-                sink.send(Message::Ping(seq.to_be_bytes().to_vec().into())).await?;
+                sink.feed(Message::Ping(seq.to_be_bytes().to_vec().into())).await?;
             }
+            sink.flush().await?;
         }
     }
     .await;
