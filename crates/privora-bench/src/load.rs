@@ -25,8 +25,10 @@ use crate::client::{self, Sink, Stream};
 use crate::report::{self, Latency};
 use crate::target::{self, Kind, Target};
 
-/// How long the bench waits, after the senders stop, for messages still on their way.
-const DRAIN: Duration = Duration::from_secs(15);
+/// After the senders stop, how long the bench waits without any message arriving before it
+/// counts what is missing as lost, and how long it waits at most.
+const DRAIN_IDLE: Duration = Duration::from_secs(5);
+const DRAIN_MAX: Duration = Duration::from_secs(120);
 /// Connections opened at once while setting up.
 const CONNECT_PARALLELISM: usize = 64;
 
@@ -200,9 +202,18 @@ pub async fn run(target: &Target, tokens: &[String], args: &LoadArgs, pace: Pace
         }
     }
     let sent: u64 = shared.peers.iter().map(|p| p.sent.load(Ordering::Relaxed)).sum();
-    let drain_until = Instant::now() + DRAIN;
+    // An overloaded server may still be working through a backlog: wait while messages keep
+    // arriving, and call lost only what has not come once arrivals stop (or after DRAIN_MAX).
+    let drain_until = Instant::now() + DRAIN_MAX;
+    let mut last = (shared.received.load(Ordering::Relaxed), Instant::now());
     while shared.received.load(Ordering::Relaxed) < sent && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = shared.received.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() >= DRAIN_IDLE {
+            break;
+        }
     }
     let _ = done_tx.send(true);
     let mut histogram = report::histogram();

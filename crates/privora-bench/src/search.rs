@@ -93,6 +93,8 @@ async fn load_directory(privora: &Path, dir: &Path, users: usize) -> anyhow::Res
 
 /// Loads the directory, starts `privora serve` on it and measures `queries` searches.
 pub async fn run(privora: &Path, users: usize, queries: usize) -> anyhow::Result<SearchReport> {
+    let privora = &std::fs::canonicalize(privora)
+        .with_context(|| format!("{} not found: run `cargo build --release -p privora`", privora.display()))?;
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
     load_directory(privora, dir.path(), users).await?;
