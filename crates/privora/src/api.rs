@@ -28,8 +28,9 @@ type SharedState = Arc<AppState>;
 /// Default and largest number of `/search-users` results.
 const SEARCH_DEFAULT_LIMIT: u32 = 20;
 const SEARCH_MAX_LIMIT: u32 = 100;
-/// Read buffer per WebSocket: small, so that idle connections cost little memory.
-const WS_READ_BUFFER: usize = 4096;
+/// Read buffer per WebSocket: small, so that idle connections cost little memory (chat frames
+/// are a few hundred bytes; larger ones take a few more reads).
+const WS_READ_BUFFER: usize = 1024;
 
 pub fn router(state: SharedState) -> Router {
     let rest = Router::new()

@@ -571,14 +571,16 @@ impl Writer {
             written += 1;
             next = if written < WRITE_BATCH { queue.try_recv().ok() } else { None };
         }
-        self.sink.flush().await?;
+        // The delivery ping goes out in the same write as the frames it follows: one syscall
+        // per batch, not two.
         let ping = {
             let mut tracker = lock(&self.tracker);
             tracker.wants_delivery_ping().then(|| tracker.ping())
         };
         if let Some(seq) = ping {
-            self.ping(seq).await?;
+            self.sink.feed(Message::Ping(seq.to_be_bytes().to_vec().into())).await?;
         }
+        self.sink.flush().await?;
         Ok(Flow::Continue)
     }
 
