@@ -252,7 +252,7 @@ fn ratio_row(figure: String, relay: f64, privora: f64, target: &str, pass: fn(f6
     Row { figure, relay: Some(relay), privora, ratio: Some(ratio), target: target.into(), pass: ratio.is_finite() && pass(ratio) }
 }
 
-/// The ratio table as Markdown, for the terminal and docs/performance.md.
+/// The ratio table as Markdown, for the terminal and the README's Performance section.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from("| figure | bare relay | privora | ratio | target | result |\n|---|---:|---:|---:|---|---|\n");
     let num = |v: f64| if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") };
