@@ -47,7 +47,11 @@ pub async fn run(target: &Target, pending: usize, senders: usize) -> anyhow::Res
         tasks.push(tokio::spawn(async move {
             let mut ws = client::open(&url, &token).await?;
             for i in 0..count {
-                let frame = ClientFrame::Message { to: "returning".into(), message: format!("{s}:{i}"), msg_id: None };
+                let frame = ClientFrame::Message {
+                    to: "returning".into(),
+                    message: format!("{s}:{i}"),
+                    msg_id: None,
+                };
                 ws.feed(client::text(&frame)).await?;
                 bar.inc(1);
             }
@@ -56,7 +60,9 @@ pub async fn run(target: &Target, pending: usize, senders: usize) -> anyhow::Res
                 let Message::Text(text) = message? else { continue };
                 match ServerFrame::decode(&text)? {
                     ServerFrame::Pong => return anyhow::Ok(()),
-                    ServerFrame::Error { code, message } => bail!("sending failed: {} {message}", code.as_str()),
+                    ServerFrame::Error { code, message } => {
+                        bail!("sending failed: {} {message}", code.as_str())
+                    }
                     _ => {}
                 }
             }

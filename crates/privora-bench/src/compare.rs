@@ -113,7 +113,8 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
     for round in 0..args.rounds {
         for (target, tokens) in both {
             eprintln!("throughput round {}/{}: {:?}", round + 1, args.rounds, target.kind);
-            throughput.push(load::run(target, tokens, &args.load, Pace::Closed { window: args.window }).await?);
+            throughput
+                .push(load::run(target, tokens, &args.load, Pace::Closed { window: args.window }).await?);
         }
     }
     let of = |runs: &[LoadReport], kind: Kind, f: fn(&LoadReport) -> Option<f64>| {
@@ -130,7 +131,13 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
     ));
     let relay_cpu = of(&throughput, Kind::Relay, |r| r.server_cpu_us_per_msg);
     let privora_cpu = of(&throughput, Kind::Privora, |r| r.server_cpu_us_per_msg);
-    rows.push(ratio_row("server CPU µs per delivered message".into(), relay_cpu, privora_cpu, "≤ 2 × relay", |r| r <= 2.0));
+    rows.push(ratio_row(
+        "server CPU µs per delivered message".into(),
+        relay_cpu,
+        privora_cpu,
+        "≤ 2 × relay",
+        |r| r <= 2.0,
+    ));
     let lost_or_duplicated = |runs: &[LoadReport]| runs.iter().map(|r| r.lost + r.duplicated).sum::<u64>();
 
     // Latency against offered load; the half-rate point is the target.
@@ -142,7 +149,11 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
         let first = rate.len();
         for round in 0..rounds {
             for (target, tokens) in both {
-                eprintln!("rate {offered:.0} msg/s ({fraction} × relay max) round {}/{rounds}: {:?}", round + 1, target.kind);
+                eprintln!(
+                    "rate {offered:.0} msg/s ({fraction} × relay max) round {}/{rounds}: {:?}",
+                    round + 1,
+                    target.kind
+                );
                 rate.push(load::run(target, tokens, &args.load, Pace::Open { rate: offered }).await?);
             }
         }
@@ -152,11 +163,24 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
             points.push(Point { label, offered, p50_ms: latency.p50_ms, p99_ms: latency.p99_ms });
         }
         if (fraction - 0.5).abs() < 1e-9 {
-            let at = |kind| median_latency(&rate[first..].iter().filter(|r| r.target == kind).collect::<Vec<_>>());
+            let at =
+                |kind| median_latency(&rate[first..].iter().filter(|r| r.target == kind).collect::<Vec<_>>());
             let (r, p) = (at(Kind::Relay), at(Kind::Privora));
             let what = format!("at {offered:.0} msg/s (½ relay max, median of {rounds})");
-            rows.push(ratio_row(format!("p50 latency ms {what}"), r.p50_ms, p.p50_ms, "≤ 1.5 × relay", |x| x <= 1.5));
-            rows.push(ratio_row(format!("p90 latency ms {what}"), r.p90_ms, p.p90_ms, "≤ 1.5 × relay", |x| x <= 1.5));
+            rows.push(ratio_row(
+                format!("p50 latency ms {what}"),
+                r.p50_ms,
+                p.p50_ms,
+                "≤ 1.5 × relay",
+                |x| x <= 1.5,
+            ));
+            rows.push(ratio_row(
+                format!("p90 latency ms {what}"),
+                r.p90_ms,
+                p.p90_ms,
+                "≤ 1.5 × relay",
+                |x| x <= 1.5,
+            ));
             rows.push(ratio_row(format!("p99 latency ms {what}"), r.p99_ms, p.p99_ms, "reported", |_| true));
         }
     }
@@ -164,7 +188,11 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
     relay.stop().await;
     privora.stop().await;
 
-    let plot_path = match plot::latency_vs_load(&args.plot, &format!("Latency vs load, {users} users (2 shared cores)"), &points) {
+    let plot_path = match plot::latency_vs_load(
+        &args.plot,
+        &format!("Latency vs load, {users} users (2 shared cores)"),
+        &points,
+    ) {
         Ok(()) => Some(args.plot.display().to_string()),
         Err(error) => {
             eprintln!("plot skipped: {error:#}");
@@ -181,10 +209,14 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
             idle_reports.push(idle::run(&target, args.idle_connections).await?);
             target.stop().await;
         }
-        let per = |kind| idle_reports.iter().find(|r| r.target == kind).map(|r| r.bytes_per_connection / 1000.0);
+        let per =
+            |kind| idle_reports.iter().find(|r| r.target == kind).map(|r| r.bytes_per_connection / 1000.0);
         if let (Some(r), Some(p)) = (per(Kind::Relay), per(Kind::Privora)) {
             rows.push(Row {
-                figure: format!("idle RSS KB per logged-in connection ({} connections)", args.idle_connections),
+                figure: format!(
+                    "idle RSS KB per logged-in connection ({} connections)",
+                    args.idle_connections
+                ),
                 relay: Some(r),
                 privora: p,
                 ratio: Some(p / r),
@@ -249,12 +281,21 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
 
 fn ratio_row(figure: String, relay: f64, privora: f64, target: &str, pass: fn(f64) -> bool) -> Row {
     let ratio = privora / relay;
-    Row { figure, relay: Some(relay), privora, ratio: Some(ratio), target: target.into(), pass: ratio.is_finite() && pass(ratio) }
+    Row {
+        figure,
+        relay: Some(relay),
+        privora,
+        ratio: Some(ratio),
+        target: target.into(),
+        pass: ratio.is_finite() && pass(ratio),
+    }
 }
 
 /// The ratio table as Markdown, for the terminal and the README's Performance section.
 pub fn table(rows: &[Row]) -> String {
-    let mut out = String::from("| figure | bare relay | privora | ratio | target | result |\n|---|---:|---:|---:|---|---|\n");
+    let mut out = String::from(
+        "| figure | bare relay | privora | ratio | target | result |\n|---|---:|---:|---:|---|---|\n",
+    );
     let num = |v: f64| if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") };
     for row in rows {
         out.push_str(&format!(

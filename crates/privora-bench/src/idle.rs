@@ -24,7 +24,8 @@ pub struct IdleReport {
 }
 
 pub async fn run(target: &Target, connections: usize) -> anyhow::Result<IdleReport> {
-    let pid = target.pid.context("the idle scenario needs the server's pid (--pid for an external server)")?;
+    let pid =
+        target.pid.context("the idle scenario needs the server's pid (--pid for an external server)")?;
     let limit = target::raise_fd_limit();
     anyhow::ensure!(
         (connections as u64) + 100 <= limit,

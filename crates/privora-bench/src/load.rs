@@ -120,7 +120,12 @@ pub async fn user_tokens(target: &Target, users: usize) -> anyhow::Result<Vec<St
 }
 
 /// Runs one load against `target` (already started), `tokens` from `user_tokens`.
-pub async fn run(target: &Target, tokens: &[String], args: &LoadArgs, pace: Pace) -> anyhow::Result<LoadReport> {
+pub async fn run(
+    target: &Target,
+    tokens: &[String],
+    args: &LoadArgs,
+    pace: Pace,
+) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(tokens.len() == args.users, "one token per user");
     target::raise_fd_limit();
     let bar = report::progress(tokens.len() as u64, "connecting");
@@ -154,15 +159,30 @@ pub async fn run(target: &Target, tokens: &[String], args: &LoadArgs, pace: Pace
     let mut readers = Vec::with_capacity(args.users);
     let mut senders = Vec::with_capacity(args.users);
     for (me, (sink, stream)) in connections.into_iter().enumerate() {
-        readers.push(tokio::spawn(read_loop(stream, shared.clone(), done.clone(), matches!(pace, Pace::Closed { .. }))));
+        readers.push(tokio::spawn(read_loop(
+            stream,
+            shared.clone(),
+            done.clone(),
+            matches!(pace, Pace::Closed { .. }),
+        )));
         let end = start + warmup + measured;
-        senders.push(tokio::spawn(send_loop(sink, me, shared.clone(), pace, args.users, args.size, start, end)));
+        senders.push(tokio::spawn(send_loop(
+            sink,
+            me,
+            shared.clone(),
+            pace,
+            args.users,
+            args.size,
+            start,
+            end,
+        )));
     }
 
     // Warm up, then measure.
     let bar = report::progress((args.warmup + args.duration).ceil() as u64, "load");
     let tick = |bar: &indicatif::ProgressBar, shared: &Shared, since: Instant, from: u64| {
-        let rate = (shared.received.load(Ordering::Relaxed) - from) as f64 / since.elapsed().as_secs_f64().max(1e-3);
+        let rate =
+            (shared.received.load(Ordering::Relaxed) - from) as f64 / since.elapsed().as_secs_f64().max(1e-3);
         bar.set_message(format!("{rate:.0} msg/s"));
         bar.inc(1);
     };
@@ -248,7 +268,11 @@ pub async fn run(target: &Target, tokens: &[String], args: &LoadArgs, pace: Pace
 }
 
 /// Connects and logs in every user, a few at a time.
-pub async fn connect_all(url: &str, tokens: &[String], bar: &indicatif::ProgressBar) -> anyhow::Result<Vec<(Sink, Stream)>> {
+pub async fn connect_all(
+    url: &str,
+    tokens: &[String],
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<Vec<(Sink, Stream)>> {
     let limit = Arc::new(Semaphore::new(CONNECT_PARALLELISM));
     let mut tasks = Vec::with_capacity(tokens.len());
     for token in tokens {
@@ -328,7 +352,12 @@ async fn send_loop(
     sink
 }
 
-async fn read_loop(mut stream: Stream, shared: Arc<Shared>, mut done: watch::Receiver<bool>, closed_loop: bool) -> Histogram<u64> {
+async fn read_loop(
+    mut stream: Stream,
+    shared: Arc<Shared>,
+    mut done: watch::Receiver<bool>,
+    closed_loop: bool,
+) -> Histogram<u64> {
     let mut histogram = report::histogram();
     loop {
         let message = tokio::select! {
@@ -362,7 +391,10 @@ async fn read_loop(mut stream: Stream, shared: Arc<Shared>, mut done: watch::Rec
                     shared.in_window.fetch_add(1, Ordering::Relaxed);
                 }
                 if shared.in_window(sent_at) {
-                    report::record(&mut histogram, Duration::from_nanos(shared.nanos(now).saturating_sub(sent_at)));
+                    report::record(
+                        &mut histogram,
+                        Duration::from_nanos(shared.nanos(now).saturating_sub(sent_at)),
+                    );
                 }
                 if closed_loop {
                     peer.slots.add_permits(1);

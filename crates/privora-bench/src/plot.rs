@@ -7,6 +7,9 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use plotters::prelude::*;
 
+/// One plotted line: which target's points, which latency, its label and colour.
+type Series = (&'static str, fn(&Point) -> f64, &'static str, RGBColor);
+
 /// One point per (target, offered load).
 pub struct Point {
     pub label: &'static str,
@@ -56,7 +59,7 @@ pub fn latency_vs_load(path: &Path, title: &str, points: &[Point]) -> anyhow::Re
         .y_desc("end-to-end latency (ms, log scale)")
         .draw()
         .map_err(draw)?;
-    let series: [(&str, fn(&Point) -> f64, &str, RGBColor); 4] = [
+    let series: [Series; 4] = [
         ("relay", |p| p.p50_ms, "bare relay p50", BLUE),
         ("relay", |p| p.p99_ms, "bare relay p99", CYAN),
         ("privora", |p| p.p50_ms, "privora (SQLite) p50", RED),

@@ -20,9 +20,9 @@ use crate::report::{self, Latency};
 use crate::target::{self, Kind, Target};
 
 const SYLLABLES: &[&str] = &[
-    "al", "an", "ar", "be", "bo", "ca", "da", "de", "el", "en", "fa", "ga", "ha", "he", "is", "ja", "jo", "ka", "ki",
-    "la", "le", "li", "lo", "ma", "mi", "mo", "na", "ne", "ni", "no", "ol", "pa", "ra", "re", "ri", "ro", "sa", "se",
-    "si", "so", "ta", "te", "ti", "to", "ul", "va", "vi", "wa", "ya", "za",
+    "al", "an", "ar", "be", "bo", "ca", "da", "de", "el", "en", "fa", "ga", "ha", "he", "is", "ja", "jo",
+    "ka", "ki", "la", "le", "li", "lo", "ma", "mi", "mo", "na", "ne", "ni", "no", "ol", "pa", "ra", "re",
+    "ri", "ro", "sa", "se", "si", "so", "ta", "te", "ti", "to", "ul", "va", "vi", "wa", "ya", "za",
 ];
 /// Rows per transaction while loading.
 const LOAD_BATCH: usize = 20_000;
@@ -93,8 +93,9 @@ async fn load_directory(privora: &Path, dir: &Path, users: usize) -> anyhow::Res
 
 /// Loads the directory, starts `privora serve` on it and measures `queries` searches.
 pub async fn run(privora: &Path, users: usize, queries: usize) -> anyhow::Result<SearchReport> {
-    let privora = &std::fs::canonicalize(privora)
-        .with_context(|| format!("{} not found: run `cargo build --release -p privora`", privora.display()))?;
+    let privora = &std::fs::canonicalize(privora).with_context(|| {
+        format!("{} not found: run `cargo build --release -p privora`", privora.display())
+    })?;
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
     load_directory(privora, dir.path(), users).await?;
@@ -106,7 +107,12 @@ pub async fn run(privora: &Path, users: usize, queries: usize) -> anyhow::Result
 }
 
 /// Queries a server holding the loader's directory. The query texts are cut from its names.
-pub async fn measure(target: &Target, users: usize, queries: usize, load_secs: f64) -> anyhow::Result<SearchReport> {
+pub async fn measure(
+    target: &Target,
+    users: usize,
+    queries: usize,
+    load_secs: f64,
+) -> anyhow::Result<SearchReport> {
     let bar = report::progress(1, "tokens");
     let token = target.tokens(&["searcher@directory.test".to_string()], &bar).await?.remove(0);
     bar.finish_and_clear();

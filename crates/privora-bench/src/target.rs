@@ -98,8 +98,9 @@ impl Target {
     /// Starts `privora serve` on a free loopback port with a fresh database (or `prepared`, a
     /// directory holding `privora.db` already filled).
     pub async fn start_privora(binary: &Path, prepared: Option<tempfile::TempDir>) -> anyhow::Result<Target> {
-        let binary = std::fs::canonicalize(binary)
-            .with_context(|| format!("{} not found: run `cargo build --release -p privora`", binary.display()))?;
+        let binary = std::fs::canonicalize(binary).with_context(|| {
+            format!("{} not found: run `cargo build --release -p privora`", binary.display())
+        })?;
         let dir = match prepared {
             Some(dir) => dir,
             None => tempfile::tempdir()?,
@@ -163,7 +164,11 @@ impl Target {
 
     /// Tokens for `users`, in order. Privora tokens come from `privora token` (which also
     /// registers the user), a few at a time.
-    pub async fn tokens(&self, users: &[String], progress: &indicatif::ProgressBar) -> anyhow::Result<Vec<String>> {
+    pub async fn tokens(
+        &self,
+        users: &[String],
+        progress: &indicatif::ProgressBar,
+    ) -> anyhow::Result<Vec<String>> {
         let limit = Arc::new(Semaphore::new(TOKEN_PARALLELISM));
         let mut tasks = Vec::with_capacity(users.len());
         for user in users {

@@ -14,8 +14,7 @@ use privora_protocol::{ClientFrame, LiveMessage, ServerFrame};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-const CLIENT_FRAME: &str =
-    r#"{"type":"message","to":"bob@example.com","message":"Hello Bob, are we still on for tomorrow at ten?","msg_id":"c0ffee-42"}"#;
+const CLIENT_FRAME: &str = r#"{"type":"message","to":"bob@example.com","message":"Hello Bob, are we still on for tomorrow at ten?","msg_id":"c0ffee-42"}"#;
 
 fn frames(c: &mut Criterion) {
     let mut group = c.benchmark_group("frames");

@@ -153,9 +153,13 @@ pub enum LogFormat {
 /// Which kind of database, and where.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Database {
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+    },
     /// A PostgreSQL URL as given (it may hold a password: never log it, see `Debug`).
-    Postgres { url: String },
+    Postgres {
+        url: String,
+    },
 }
 
 impl std::fmt::Debug for Database {
@@ -190,7 +194,10 @@ pub struct RedisConfig {
 
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisConfig").field("url", &redact(&self.url)).field("presence_ttl", &self.presence_ttl).finish()
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("presence_ttl", &self.presence_ttl)
+            .finish()
     }
 }
 
@@ -302,14 +309,15 @@ pub enum ConfigError {
     EmulatorHost(String),
     #[error("PRIVORA_TRUSTED_PROXIES entry {0:?} is not an IP address or a CIDR like 10.0.0.0/8")]
     TrustedProxy(String),
-    #[error("PRIVORA_FIREBASE_WEB_CONFIG must be a JSON object (the Firebase console's web app config): {0}")]
+    #[error(
+        "PRIVORA_FIREBASE_WEB_CONFIG must be a JSON object (the Firebase console's web app config): {0}"
+    )]
     FirebaseWebConfig(String),
 }
 
 impl Settings {
     pub fn validate(&self) -> Result<Config, ConfigError> {
-        let listen: SocketAddr =
-            self.listen.parse().map_err(|_| ConfigError::Listen(self.listen.clone()))?;
+        let listen: SocketAddr = self.listen.parse().map_err(|_| ConfigError::Listen(self.listen.clone()))?;
         let database = parse_database_url(&self.database_url)?;
         let allowed_origins = parse_origins(&self.allowed_origin)?;
         let auth = match self.firebase_config()? {
@@ -323,20 +331,63 @@ impl Settings {
                 Err(ConfigError::Range { name, rule, value })
             }
         };
-        range("PRIVORA_HISTORY_LIMIT", "between 0 and 10000", self.history_limit <= 10_000, self.history_limit.to_string())?;
-        range("PRIVORA_MAX_FRAME_BYTES", "between 1024 and 16777216", (1024..=16 << 20).contains(&self.max_frame_bytes), self.max_frame_bytes.to_string())?;
-        range("PRIVORA_MAX_MESSAGE_CHARS", "at least 1", self.max_message_chars >= 1, self.max_message_chars.to_string())?;
-        range("PRIVORA_PING_INTERVAL", "between 1 and 280 seconds", (1..=280).contains(&self.ping_interval), self.ping_interval.to_string())?;
-        range("PRIVORA_LOGIN_TIMEOUT", "between 1 and 300 seconds", (1..=300).contains(&self.login_timeout), self.login_timeout.to_string())?;
-        range("PRIVORA_OUTBOUND_QUEUE", "between 16 and 1000000", (16..=1_000_000).contains(&self.outbound_queue), self.outbound_queue.to_string())?;
-        range("PRIVORA_DB_READERS", "between 1 and 64", (1..=64).contains(&self.db_readers), self.db_readers.to_string())?;
-        range("PRIVORA_DB_POOL", "between 2 and 1000", (2..=1000).contains(&self.db_pool), self.db_pool.to_string())?;
-        range("PRIVORA_PRESENCE_TTL", "between 2 and 3600 seconds", (2..=3600).contains(&self.presence_ttl), self.presence_ttl.to_string())?;
+        range(
+            "PRIVORA_HISTORY_LIMIT",
+            "between 0 and 10000",
+            self.history_limit <= 10_000,
+            self.history_limit.to_string(),
+        )?;
+        range(
+            "PRIVORA_MAX_FRAME_BYTES",
+            "between 1024 and 16777216",
+            (1024..=16 << 20).contains(&self.max_frame_bytes),
+            self.max_frame_bytes.to_string(),
+        )?;
+        range(
+            "PRIVORA_MAX_MESSAGE_CHARS",
+            "at least 1",
+            self.max_message_chars >= 1,
+            self.max_message_chars.to_string(),
+        )?;
+        range(
+            "PRIVORA_PING_INTERVAL",
+            "between 1 and 280 seconds",
+            (1..=280).contains(&self.ping_interval),
+            self.ping_interval.to_string(),
+        )?;
+        range(
+            "PRIVORA_LOGIN_TIMEOUT",
+            "between 1 and 300 seconds",
+            (1..=300).contains(&self.login_timeout),
+            self.login_timeout.to_string(),
+        )?;
+        range(
+            "PRIVORA_OUTBOUND_QUEUE",
+            "between 16 and 1000000",
+            (16..=1_000_000).contains(&self.outbound_queue),
+            self.outbound_queue.to_string(),
+        )?;
+        range(
+            "PRIVORA_DB_READERS",
+            "between 1 and 64",
+            (1..=64).contains(&self.db_readers),
+            self.db_readers.to_string(),
+        )?;
+        range(
+            "PRIVORA_DB_POOL",
+            "between 2 and 1000",
+            (2..=1000).contains(&self.db_pool),
+            self.db_pool.to_string(),
+        )?;
+        range(
+            "PRIVORA_PRESENCE_TTL",
+            "between 2 and 3600 seconds",
+            (2..=3600).contains(&self.presence_ttl),
+            self.presence_ttl.to_string(),
+        )?;
         let redis = self.redis_config(&database)?;
-        let rate_limit = (self.rate_limit > 0).then(|| RateLimit {
-            per_second: self.rate_limit,
-            burst: self.rate_burst.max(1),
-        });
+        let rate_limit = (self.rate_limit > 0)
+            .then(|| RateLimit { per_second: self.rate_limit, burst: self.rate_burst.max(1) });
         Ok(Config {
             listen,
             database,
@@ -355,13 +406,15 @@ impl Settings {
             redis,
             web_dir: resolve_web_dir(self.web_dir.as_deref()),
             firebase_web_config: parse_firebase_web_config(self.firebase_web_config.as_deref())?,
-            trusted_proxies: TrustedProxies::parse(&self.trusted_proxies).map_err(ConfigError::TrustedProxy)?,
+            trusted_proxies: TrustedProxies::parse(&self.trusted_proxies)
+                .map_err(ConfigError::TrustedProxy)?,
         })
     }
 
     /// Firebase mode when credentials or the emulator are configured; `None` = development mode.
     fn firebase_config(&self) -> Result<Option<FirebaseConfig>, ConfigError> {
-        let nonempty = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
+        let nonempty =
+            |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
         let emulator_host = nonempty(&self.firebase_auth_emulator_host);
         if self.firebase_credentials.is_none() && emulator_host.is_none() {
             return Ok(None);
@@ -483,17 +536,33 @@ mod tests {
 
     #[test]
     fn database_urls() {
-        assert_eq!(parse_database_url("sqlite://chat.db").unwrap(), Database::Sqlite { path: "chat.db".into() });
-        assert_eq!(parse_database_url("sqlite:///tmp/x.db").unwrap(), Database::Sqlite { path: "/tmp/x.db".into() });
-        assert_eq!(parse_database_url("sqlite:////tmp/x.db").unwrap(), Database::Sqlite { path: "/tmp/x.db".into() });
-        assert_eq!(parse_database_url("sqlite:./chat.db?mode=rwc").unwrap(), Database::Sqlite { path: "./chat.db".into() });
-        assert_eq!(parse_database_url("data/privora.db").unwrap(), Database::Sqlite { path: "data/privora.db".into() });
+        assert_eq!(
+            parse_database_url("sqlite://chat.db").unwrap(),
+            Database::Sqlite { path: "chat.db".into() }
+        );
+        assert_eq!(
+            parse_database_url("sqlite:///tmp/x.db").unwrap(),
+            Database::Sqlite { path: "/tmp/x.db".into() }
+        );
+        assert_eq!(
+            parse_database_url("sqlite:////tmp/x.db").unwrap(),
+            Database::Sqlite { path: "/tmp/x.db".into() }
+        );
+        assert_eq!(
+            parse_database_url("sqlite:./chat.db?mode=rwc").unwrap(),
+            Database::Sqlite { path: "./chat.db".into() }
+        );
+        assert_eq!(
+            parse_database_url("data/privora.db").unwrap(),
+            Database::Sqlite { path: "data/privora.db".into() }
+        );
         assert!(parse_database_url("mysql://x").is_err());
         assert_eq!(
             parse_database_url("postgres://u:pw@db:5432/chat").unwrap(),
             Database::Postgres { url: "postgres://u:pw@db:5432/chat".into() }
         );
-        assert!(format!("{:?}", parse_database_url("postgresql://u:pw@db/chat").unwrap()).contains("u:***@db/chat"));
+        assert!(format!("{:?}", parse_database_url("postgresql://u:pw@db/chat").unwrap())
+            .contains("u:***@db/chat"));
         assert!(parse_database_url("sqlite::memory:").is_err());
     }
 
@@ -505,7 +574,14 @@ mod tests {
                 #[command(flatten)]
                 settings: Settings,
             }
-            let mut s = <Cli as clap::Parser>::parse_from(["privora", "--database-url", db, "--dev-secret", &"s".repeat(32)]).settings;
+            let mut s = <Cli as clap::Parser>::parse_from([
+                "privora",
+                "--database-url",
+                db,
+                "--dev-secret",
+                &"s".repeat(32),
+            ])
+            .settings;
             s.redis_url = redis.map(str::to_string);
             s.validate()
         };
@@ -541,7 +617,9 @@ mod tests {
         };
         let emulator = ["--firebase-auth-emulator-host", "127.0.0.1:9099"];
         assert!(matches!(parse(&emulator), Err(ConfigError::EmulatorProject)));
-        let config = parse(&[&emulator[..], &["--firebase-project-id", "demo-x", "--check-revoked"]].concat()).unwrap();
+        let config =
+            parse(&[&emulator[..], &["--firebase-project-id", "demo-x", "--check-revoked"]].concat())
+                .unwrap();
         let AuthMode::Firebase(firebase) = config.auth else { panic!("not Firebase mode") };
         assert_eq!(firebase.project_id.as_deref(), Some("demo-x"));
         assert!(firebase.check_revoked && firebase.credentials.is_none());

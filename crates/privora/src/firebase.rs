@@ -41,7 +41,8 @@ impl Firebase {
         let admin = match (&config.emulator_host, account) {
             (Some(host), account) => {
                 // The credentials' project wins, as in the Admin SDKs; config ensured one exists.
-                let project = account.map(|a| a.project_id).or_else(|| config.project_id.clone()).unwrap_or_default();
+                let project =
+                    account.map(|a| a.project_id).or_else(|| config.project_id.clone()).unwrap_or_default();
                 tracing::warn!(
                     %host, %project,
                     "FIREBASE_AUTH_EMULATOR_HOST is set: EMULATOR MODE, unsigned tokens are accepted. Never use this in production."

@@ -11,9 +11,9 @@ pub mod firebase;
 pub mod hub;
 pub mod metrics;
 pub mod openapi;
-pub mod web;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod web;
 
 pub use server::{start, RunningServer};

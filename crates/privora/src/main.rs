@@ -57,7 +57,9 @@ fn main() -> ExitCode {
     match cli.settings.log_format {
         LogFormat::Text => logs.init(),
         // One JSON object a line, with the span fields (client address, ...) flattened in.
-        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+        LogFormat::Json => {
+            logs.json().flatten_event(true).with_current_span(true).with_span_list(false).init()
+        }
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -92,7 +94,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = privora::server::open_store(&config).await?;
             let verifier = DevVerifier::new(secret)?;
             let email = user_id.contains('@').then(|| user_id.clone());
-            store.upsert_user(UserRecord { user_id: user_id.clone(), display_name: name.clone(), email }).await?;
+            store
+                .upsert_user(UserRecord { user_id: user_id.clone(), display_name: name.clone(), email })
+                .await?;
             store.close().await;
             println!("{}", verifier.mint(&user_id, name.as_deref(), Duration::from_secs(ttl_hours * 3600)));
             Ok(())

@@ -68,7 +68,11 @@ fn describe() {
     describe_counter!(LOGINS, "login attempts by result (ok, invalid_token, failed)");
     describe_counter!(MESSAGES_IN, "messages accepted from senders (stored)");
     describe_counter!(MESSAGES_OUT, "message frames written to recipients (live and offline)");
-    describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "live messages: from commit to the recipient's socket");
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "live messages: from commit to the recipient's socket"
+    );
     describe_histogram!(STORE_LATENCY, Unit::Seconds, "store operations by op and result");
     describe_gauge!(STORE_QUEUE, "writes waiting for the store's writer (group commit)");
     describe_histogram!(OUTBOUND_QUEUE, "frames queued for a connection when its writer wakes");
@@ -185,7 +189,10 @@ pub async fn upkeep(stop: tokio_util::sync::CancellationToken) {
 /// every backend the same way.
 pub struct MeteredStore(pub Arc<dyn Store>);
 
-async fn timed<T>(op: &'static str, work: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+async fn timed<T>(
+    op: &'static str,
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
     let started = Instant::now();
     let result = work.await;
     let outcome = if result.is_ok() { "ok" } else { "error" };

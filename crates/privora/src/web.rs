@@ -82,13 +82,19 @@ pub struct DevTokenResponse {
         (status = 400, description = "The name or user id is not acceptable"),
         (status = 404, description = "The server is not in development auth mode"),
     ))]
-pub async fn dev_token(State(state): State<Arc<AppState>>, ClientAddr(client): ClientAddr, body: Bytes) -> Response {
+pub async fn dev_token(
+    State(state): State<Arc<AppState>>,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
     let Some(tokens) = state.verifier.dev_tokens() else {
         return (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))).into_response();
     };
     let request: DevTokenRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
-        Err(e) => return Error::BadRequest(format!("send JSON like {{\"name\": \"Alice\"}}: {e}")).into_response(),
+        Err(e) => {
+            return Error::BadRequest(format!("send JSON like {{\"name\": \"Alice\"}}: {e}")).into_response()
+        }
     };
     let (name, user_id) = match validate(&request) {
         Ok(valid) => valid,
@@ -104,7 +110,8 @@ pub async fn dev_token(State(state): State<Arc<AppState>>, ClientAddr(client): C
     }
     tracing::info!(user = %user_id, %client, "development token issued");
     let token = tokens.mint(&user_id, Some(&name), DEV_TOKEN_TTL);
-    Json(DevTokenResponse { token, user_id, display_name: name, expires_in: DEV_TOKEN_TTL.as_secs() }).into_response()
+    Json(DevTokenResponse { token, user_id, display_name: name, expires_in: DEV_TOKEN_TTL.as_secs() })
+        .into_response()
 }
 
 /// The display name and user id of a request, or why they are refused.
@@ -150,7 +157,10 @@ mod tests {
 
     #[test]
     fn names_make_user_ids() {
-        assert_eq!(validate(&request("  Alice   Smith ", None)), Ok(("Alice Smith".into(), "alice.smith".into())));
+        assert_eq!(
+            validate(&request("  Alice   Smith ", None)),
+            Ok(("Alice Smith".into(), "alice.smith".into()))
+        );
         assert_eq!(validate(&request("O'Brien", None)), Ok(("O'Brien".into(), "o.brien".into())));
         assert_eq!(validate(&request("Zoë", None)).unwrap().1, "zo-eb");
         assert_eq!(validate(&request("Bob", Some("bob@example.com"))).unwrap().1, "bob@example.com");

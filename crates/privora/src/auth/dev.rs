@@ -7,7 +7,9 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{decode, encode, errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{
+    decode, encode, errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{AuthError, Identity};
@@ -121,7 +123,8 @@ fn load_or_create(path: &Path) -> Result<String, SecretError> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     match options.open(path) {
         Ok(mut file) => {
-            file.write_all(secret.as_bytes()).map_err(|source| SecretError::Create { path: shown, source })?;
+            file.write_all(secret.as_bytes())
+                .map_err(|source| SecretError::Create { path: shown, source })?;
             Ok(secret)
         }
         // Another process created it first: use theirs.

@@ -114,7 +114,8 @@ impl FirebaseVerifier {
             return Err(AuthError::Malformed(format!("longer than {MAX_TOKEN_BYTES} bytes")));
         }
         let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(AuthError::Malformed("not three dot-separated parts".into()));
         };
@@ -129,7 +130,12 @@ impl FirebaseVerifier {
         Ok(Identity { uid, email: claims.email.filter(|e| !e.is_empty()), display_name: claims.name })
     }
 
-    async fn check_signature(&self, header: &JoseHeader, token: &str, signature: &str) -> Result<(), AuthError> {
+    async fn check_signature(
+        &self,
+        header: &JoseHeader,
+        token: &str,
+        signature: &str,
+    ) -> Result<(), AuthError> {
         match header.alg.as_str() {
             "RS256" => {}
             "none" if self.emulator && signature.is_empty() => return Ok(()),
@@ -193,7 +199,8 @@ fn decode_part<T: serde::de::DeserializeOwned>(part: &str, name: &str) -> Result
     let bytes = URL_SAFE_NO_PAD
         .decode(part.trim_end_matches('='))
         .map_err(|_| AuthError::Malformed(format!("the {name} is not base64url")))?;
-    serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed(format!("the {name} is not the expected JSON")))
+    serde_json::from_slice(&bytes)
+        .map_err(|_| AuthError::Malformed(format!("the {name} is not the expected JSON")))
 }
 
 impl Revocation {

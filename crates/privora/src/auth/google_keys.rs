@@ -116,7 +116,8 @@ impl GoogleKeys {
         if let Some(key) = cached.keys.get(kid) {
             return Some(Lookup::Found(key.clone()));
         }
-        let recently = state.last_unknown_refetch.is_some_and(|at| now.duration_since(at) < UNKNOWN_KID_REFETCH);
+        let recently =
+            state.last_unknown_refetch.is_some_and(|at| now.duration_since(at) < UNKNOWN_KID_REFETCH);
         if recently {
             return Some(Lookup::Unknown);
         }
@@ -149,11 +150,17 @@ impl GoogleKeys {
         let certs: HashMap<String, String> = response.json().await.map_err(|e| fetch_error(e.to_string()))?;
         let mut keys = HashMap::with_capacity(certs.len());
         for (kid, pem) in certs {
-            let key = rsa_key_of_certificate(&pem)
-                .map_err(|reason| KeysError::Invalid { url: self.url.clone(), reason: format!("key {kid}: {reason}") })?;
+            let key = rsa_key_of_certificate(&pem).map_err(|reason| KeysError::Invalid {
+                url: self.url.clone(),
+                reason: format!("key {kid}: {reason}"),
+            })?;
             keys.insert(kid, key);
         }
-        tracing::debug!(keys = keys.len(), max_age = max_age.as_secs(), "fetched Google's token-signing keys");
+        tracing::debug!(
+            keys = keys.len(),
+            max_age = max_age.as_secs(),
+            "fetched Google's token-signing keys"
+        );
         Ok((keys, max_age))
     }
 }
@@ -184,7 +191,10 @@ mod tests {
 
     #[test]
     fn cache_control() {
-        assert_eq!(max_age("public, max-age=19302, must-revalidate, no-transform"), Some(Duration::from_secs(19302)));
+        assert_eq!(
+            max_age("public, max-age=19302, must-revalidate, no-transform"),
+            Some(Duration::from_secs(19302))
+        );
         assert_eq!(max_age("no-cache"), None);
     }
 }

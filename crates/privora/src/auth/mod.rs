@@ -96,7 +96,9 @@ impl Verifier {
     pub fn describe(&self) -> &'static str {
         match self {
             Verifier::Development(_) => "development tokens (made by `privora token`)",
-            Verifier::Firebase(v) if v.is_emulator() => "Firebase ID tokens from the Auth Emulator (unsigned tokens accepted)",
+            Verifier::Firebase(v) if v.is_emulator() => {
+                "Firebase ID tokens from the Auth Emulator (unsigned tokens accepted)"
+            }
             Verifier::Firebase(_) => "Firebase ID tokens",
         }
     }

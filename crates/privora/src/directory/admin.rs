@@ -11,7 +11,8 @@ use super::credentials::ServiceAccount;
 
 const PRODUCTION_BASE: &str = "https://identitytoolkit.googleapis.com";
 /// The scopes the Admin SDKs ask for user management.
-const SCOPES: &str = "https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/identitytoolkit";
+const SCOPES: &str =
+    "https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/identitytoolkit";
 /// A token is renewed this long before it expires.
 const RENEW_BEFORE: Duration = Duration::from_secs(300);
 /// Users per `accounts:batchGet` page (the API's maximum).
@@ -59,7 +60,11 @@ pub struct Page {
 enum Bearer {
     /// The Auth Emulator accepts `Authorization: Bearer owner` as an admin.
     Emulator,
-    ServiceAccount { account: ServiceAccount, key: EncodingKey, token: tokio::sync::Mutex<Option<AccessToken>> },
+    ServiceAccount {
+        account: ServiceAccount,
+        key: EncodingKey,
+        token: tokio::sync::Mutex<Option<AccessToken>>,
+    },
 }
 
 struct AccessToken {
@@ -93,7 +98,8 @@ struct TokenResponse {
 impl AdminApi {
     /// Against Google, authorised by the service account.
     pub fn production(account: ServiceAccount, http: reqwest::Client) -> Result<AdminApi, AdminError> {
-        let key = EncodingKey::from_rsa_pem(account.private_key.as_bytes()).map_err(|e| AdminError::Signing(e.to_string()))?;
+        let key = EncodingKey::from_rsa_pem(account.private_key.as_bytes())
+            .map_err(|e| AdminError::Signing(e.to_string()))?;
         Ok(AdminApi {
             base: PRODUCTION_BASE.into(),
             project_id: account.project_id.clone(),
@@ -173,11 +179,17 @@ impl AdminApi {
     /// The signed-JWT bearer grant (RFC 7523) at the credentials' `token_uri`.
     async fn grant(&self, account: &ServiceAccount, key: &EncodingKey) -> Result<AccessToken, AdminError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let claims =
-            GrantClaims { iss: &account.client_email, scope: SCOPES, aud: &account.token_uri, iat: now, exp: now + 3600 };
+        let claims = GrantClaims {
+            iss: &account.client_email,
+            scope: SCOPES,
+            aud: &account.token_uri,
+            iat: now,
+            exp: now + 3600,
+        };
         let mut header = Header::new(Algorithm::RS256);
         header.kid = account.private_key_id.clone();
-        let assertion = jsonwebtoken::encode(&header, &claims, key).map_err(|e| AdminError::Signing(e.to_string()))?;
+        let assertion =
+            jsonwebtoken::encode(&header, &claims, key).map_err(|e| AdminError::Signing(e.to_string()))?;
         let what = "the OAuth token endpoint";
         let response = self
             .http
@@ -188,11 +200,17 @@ impl AdminApi {
             .map_err(|e| AdminError::Network { what, reason: e.to_string() })?;
         let token: TokenResponse = decode(what, response).await?;
         let lifetime = Duration::from_secs(token.expires_in.unwrap_or(3600));
-        Ok(AccessToken { value: token.access_token, renew_at: Instant::now() + lifetime.saturating_sub(RENEW_BEFORE) })
+        Ok(AccessToken {
+            value: token.access_token,
+            renew_at: Instant::now() + lifetime.saturating_sub(RENEW_BEFORE),
+        })
     }
 }
 
-async fn decode<T: serde::de::DeserializeOwned>(what: &'static str, response: reqwest::Response) -> Result<T, AdminError> {
+async fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    response: reqwest::Response,
+) -> Result<T, AdminError> {
     let status = response.status();
     if !status.is_success() {
         let body: String = response.text().await.unwrap_or_default().chars().take(500).collect();

@@ -67,13 +67,17 @@ impl ServiceAccount {
             .map_err(|e| CredentialsError::NotJson { path: path.to_path_buf(), reason: e.to_string() })?;
         let kind = value.get("type").and_then(|t| t.as_str()).unwrap_or("");
         if kind != "service_account" {
-            return Err(CredentialsError::NotServiceAccount { path: path.to_path_buf(), found: kind.to_string() });
+            return Err(CredentialsError::NotServiceAccount {
+                path: path.to_path_buf(),
+                found: kind.to_string(),
+            });
         }
-        let account: ServiceAccount = serde_json::from_value(value).map_err(|e| CredentialsError::Incomplete {
-            path: path.to_path_buf(),
-            field: "a required field (project_id, client_email, private_key)",
-            reason: e.to_string(),
-        })?;
+        let account: ServiceAccount =
+            serde_json::from_value(value).map_err(|e| CredentialsError::Incomplete {
+                path: path.to_path_buf(),
+                field: "a required field (project_id, client_email, private_key)",
+                reason: e.to_string(),
+            })?;
         let incomplete = |field, reason: &str| CredentialsError::Incomplete {
             path: path.to_path_buf(),
             field,
@@ -102,9 +106,15 @@ mod tests {
         assert!(matches!(ServiceAccount::load(path), Err(CredentialsError::Missing(_))));
         let web_config = r#"{"apiKey":"x","projectId":"p"}"#;
         let error = ServiceAccount::parse(web_config, path).unwrap_err();
-        assert!(error.to_string().contains("/nowhere/sa.json") && error.to_string().contains("service-account"));
-        let no_key = r#"{"type":"service_account","project_id":"p","client_email":"a@b","private_key":"nope"}"#;
-        assert!(matches!(ServiceAccount::parse(no_key, path), Err(CredentialsError::Incomplete { field: "private_key", .. })));
+        assert!(
+            error.to_string().contains("/nowhere/sa.json") && error.to_string().contains("service-account")
+        );
+        let no_key =
+            r#"{"type":"service_account","project_id":"p","client_email":"a@b","private_key":"nope"}"#;
+        assert!(matches!(
+            ServiceAccount::parse(no_key, path),
+            Err(CredentialsError::Incomplete { field: "private_key", .. })
+        ));
         assert!(matches!(ServiceAccount::parse("{", path), Err(CredentialsError::NotJson { .. })));
     }
 }

@@ -58,7 +58,8 @@ impl Directory {
         every: Option<Duration>,
         shutdown: CancellationToken,
     ) -> Arc<Directory> {
-        let directory = Arc::new(Directory { status: Mutex::new(Status::default()), completed: AtomicU64::new(0) });
+        let directory =
+            Arc::new(Directory { status: Mutex::new(Status::default()), completed: AtomicU64::new(0) });
         let task = directory.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -110,7 +111,8 @@ impl Directory {
                     tracing::warn!(%error, retry_in = backoff.as_secs(), "user directory sync failed");
                     self.lock().last_error = Some(error.to_string());
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(every.unwrap_or(MAX_BACKOFF).clamp(FIRST_BACKOFF, MAX_BACKOFF));
+                    backoff =
+                        (backoff * 2).min(every.unwrap_or(MAX_BACKOFF).clamp(FIRST_BACKOFF, MAX_BACKOFF));
                 }
             }
         }

@@ -137,7 +137,9 @@ impl Hub {
                 Ok(flags) => {
                     return users.iter().zip(flags).filter(|(_, on)| *on).map(|(u, _)| u.clone()).collect();
                 }
-                Err(error) => tracing::warn!(%error, "Redis presence unavailable; answering for this node only"),
+                Err(error) => {
+                    tracing::warn!(%error, "Redis presence unavailable; answering for this node only")
+                }
             }
         }
         users.iter().filter(|u| self.is_online(u)).cloned().collect()

@@ -146,7 +146,10 @@ struct Envelope {
 }
 
 enum Publish {
-    Frame { user: String, payload: String },
+    Frame {
+        user: String,
+        payload: String,
+    },
     /// Everything queued before this has been published (or given up); answered then.
     Flush(oneshot::Sender<()>),
 }
@@ -259,10 +262,14 @@ impl RedisBroker {
 
     /// Queues `frame` for `user`'s connections on other nodes. Never waits.
     pub fn publish(&self, user: &str, frame: &OutFrame) {
-        let envelope = Envelope { u: user.to_string(), d: frame.delivers, t: frame.text.as_str().to_string() };
+        let envelope =
+            Envelope { u: user.to_string(), d: frame.delivers, t: frame.text.as_str().to_string() };
         let Ok(payload) = serde_json::to_string(&envelope) else { return };
         if self.publishes.try_send(Publish::Frame { user: user.to_string(), payload }).is_err() {
-            tracing::warn!(user, "Redis publish queue full: this frame reaches other nodes only by catch-up or login");
+            tracing::warn!(
+                user,
+                "Redis publish queue full: this frame reaches other nodes only by catch-up or login"
+            );
         }
     }
 
@@ -273,11 +280,8 @@ impl RedisBroker {
             let _ = tokio::time::timeout(PUBLISH_RETRY_FOR, flushed).await;
         }
         let mut conn = self.conn.clone();
-        let _: Result<(), _> = redis::pipe()
-            .zrem(NODES, &self.node)
-            .del(node_users(&self.node))
-            .query_async(&mut conn)
-            .await;
+        let _: Result<(), _> =
+            redis::pipe().zrem(NODES, &self.node).del(node_users(&self.node)).query_async(&mut conn).await;
     }
 }
 
@@ -380,7 +384,10 @@ async fn subscriber(state: Arc<AppState>, broker: Arc<RedisBroker>) {
 fn deliver(state: &AppState, payload: &[u8]) {
     match serde_json::from_slice::<Envelope>(payload) {
         Ok(envelope) => {
-            state.hub.deliver_local(&envelope.u, &OutFrame { text: envelope.t.into(), delivers: envelope.d, committed: None });
+            state.hub.deliver_local(
+                &envelope.u,
+                &OutFrame { text: envelope.t.into(), delivers: envelope.d, committed: None },
+            );
         }
         Err(error) => tracing::warn!(%error, "ignoring a malformed frame from Redis"),
     }
@@ -396,7 +403,9 @@ async fn catch_up(state: &AppState) {
                     state.hub.deliver_local(&user, &crate::session::live_frame(message));
                 }
             }
-            Err(error) => tracing::warn!(%error, user, "catch-up read failed; the messages come at next login"),
+            Err(error) => {
+                tracing::warn!(%error, user, "catch-up read failed; the messages come at next login")
+            }
         }
     }
 }
@@ -471,12 +480,10 @@ async fn reap(state: &AppState, broker: &RedisBroker, node: &str) {
     tracing::info!(dead = node, users = users.len(), "a node stopped beating; its users go offline");
     for user in users {
         match broker.leave_on(node, &user).await {
-            Ok(true) if !state.hub.is_online(&user) => {
-                match state.store.contacts(&user).await {
-                    Ok(contacts) => crate::session::announce(state, &user, &contacts, PresenceStatus::Offline),
-                    Err(error) => tracing::warn!(%error, "could not read contacts for a presence change"),
-                }
-            }
+            Ok(true) if !state.hub.is_online(&user) => match state.store.contacts(&user).await {
+                Ok(contacts) => crate::session::announce(state, &user, &contacts, PresenceStatus::Offline),
+                Err(error) => tracing::warn!(%error, "could not read contacts for a presence change"),
+            },
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "could not clean up a dead node's user"),
         }

@@ -147,7 +147,9 @@ impl Store for PostgresStore {
     async fn display_name(&self, user_id: &str) -> Result<Option<String>, StoreError> {
         let row = self
             .read(|| {
-                sqlx::query("SELECT display_name FROM users WHERE user_id = $1").bind(user_id).fetch_optional(&self.pool)
+                sqlx::query("SELECT display_name FROM users WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_optional(&self.pool)
             })
             .await?;
         Ok(row.and_then(|row| row.get(0)))
@@ -234,7 +236,6 @@ fn from_sqlx(error: sqlx::Error) -> StoreError {
         StoreError::Database(error.to_string())
     }
 }
-
 
 async fn run_writer(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
     let mut cache = WriterCache::default();

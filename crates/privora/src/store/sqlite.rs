@@ -231,7 +231,6 @@ fn from_sqlx(error: sqlx::Error) -> StoreError {
     }
 }
 
-
 /// The answer owed to one operation of a batch, sent only once the batch is committed.
 enum Owed {
     Message(Reply<StoredMessage>),
@@ -385,7 +384,8 @@ async fn write_batch(
         }
     }
     if !accepted.is_empty() {
-        let first: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetch_one(&mut *tx).await?;
+        let first: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetch_one(&mut *tx).await?;
         insert_messages(&mut tx, &accepted, first, &timestamp).await?;
         let last = first + accepted.len() as i64 - 1;
         sqlx::query(
@@ -425,11 +425,19 @@ async fn write_batch(
 }
 
 /// Is `user` in the users table? Remembered once seen.
-async fn is_known(tx: &mut SqliteConnection, cache: &mut WriterCache, user: &str) -> Result<bool, sqlx::Error> {
+async fn is_known(
+    tx: &mut SqliteConnection,
+    cache: &mut WriterCache,
+    user: &str,
+) -> Result<bool, sqlx::Error> {
     if cache.users.contains(user) {
         return Ok(true);
     }
-    let known = sqlx::query("SELECT 1 FROM users WHERE user_id = ?1").bind(user).fetch_optional(&mut *tx).await?.is_some();
+    let known = sqlx::query("SELECT 1 FROM users WHERE user_id = ?1")
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
     if known {
         cache.users.insert(user.to_string());
     }

@@ -9,7 +9,8 @@ use crate::support::{repo_root, require_program, TestServer};
 
 #[tokio::test]
 async fn two_people_chat_in_chromium() {
-    let node = require_program("node", &["/usr/bin/node", "/usr/local/bin/node"], "apt-get install -y nodejs npm");
+    let node =
+        require_program("node", &["/usr/bin/node", "/usr/local/bin/node"], "apt-get install -y nodejs npm");
     require_program("chromium", &["/usr/bin/chromium"], "apt-get install -y chromium");
     let tests = repo_root().join("tests/browser");
     assert!(

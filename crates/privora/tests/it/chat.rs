@@ -12,7 +12,9 @@ async fn a_message_reaches_an_online_recipient_with_the_original_fields() {
     let (mut bob, _) = server.login_as("bob@example.com", Some("Bob")).await;
 
     alice
-        .send_json(json!({"type": "message", "to": "bob@example.com", "message": "Hi there!", "msg_id": "c-1"}))
+        .send_json(
+            json!({"type": "message", "to": "bob@example.com", "message": "Hi there!", "msg_id": "c-1"}),
+        )
         .await;
     let frame = bob.recv_json().await;
     assert_eq!(frame["type"], "message");

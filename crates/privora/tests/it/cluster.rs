@@ -62,7 +62,10 @@ async fn users_on_different_nodes_chat_live_and_see_each_other() {
 
     send_checked(&mut alice, "bob", "hello from node one").await.unwrap();
     let frame = bob.expect_type("message").await;
-    assert_eq!((frame["from"].as_str(), frame["message"].as_str()), (Some("alice"), Some("hello from node one")));
+    assert_eq!(
+        (frame["from"].as_str(), frame["message"].as_str()),
+        (Some("alice"), Some("hello from node one"))
+    );
     send_checked(&mut bob, "alice", "hi from node two").await.unwrap();
     assert_eq!(alice.expect_type("message").await["message"], "hi from node two");
 
@@ -127,7 +130,12 @@ async fn a_killed_node_s_users_go_offline_and_get_every_message_on_another_node(
     let offline_ids: HashSet<i64> = burst.offline.iter().map(|m| m.id).collect();
     assert_eq!(offline_ids.len(), burst.offline.len(), "no message twice in one burst");
     got.extend(burst.offline.iter().map(|m| m.message.clone()));
-    assert_eq!(got.intersection(&sent).count(), sent.len(), "every message reached bob: missing {:?}", sent.difference(&got).collect::<Vec<_>>());
+    assert_eq!(
+        got.intersection(&sent).count(),
+        sent.len(),
+        "every message reached bob: missing {:?}",
+        sent.difference(&got).collect::<Vec<_>>()
+    );
     assert_eq!(presence(&alice.recv_json().await), ("bob".into(), "online".into()));
     bob.expect_silence().await;
 }

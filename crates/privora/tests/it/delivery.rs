@@ -13,7 +13,9 @@ async fn offline_messages_come_at_the_next_login_in_order_exactly_once() {
     server.register("bob", Some("Bob")).await;
     let (mut alice, _) = server.login_as("alice", Some("Alice")).await;
     for i in 0..5 {
-        alice.send_json(json!({"type": "message", "to": "bob", "message": format!("m{i}"), "msg_id": i})).await;
+        alice
+            .send_json(json!({"type": "message", "to": "bob", "message": format!("m{i}"), "msg_id": i}))
+            .await;
     }
     alice.sync().await;
 
@@ -140,7 +142,9 @@ async fn a_slow_consumer_is_cut_off_and_loses_nothing() {
     while let crate::support::Event::Text(frame) = bob.next_event().await {
         let frame: serde_json::Value = serde_json::from_str(&frame).unwrap();
         if frame["type"] == "message" {
-            received.push(frame["message"].as_str().unwrap().split(' ').next().unwrap().parse::<usize>().unwrap());
+            received.push(
+                frame["message"].as_str().unwrap().split(' ').next().unwrap().parse::<usize>().unwrap(),
+            );
         }
     }
     assert!(received.len() < 1000, "the queue overflowed before everything was written");
@@ -153,7 +157,6 @@ async fn a_slow_consumer_is_cut_off_and_loses_nothing() {
     assert!(first_again <= received.len(), "only what reached him can have been confirmed");
     assert_eq!(again, (first_again..1000).collect::<Vec<_>>(), "nothing lost, in order");
 }
-
 
 #[tokio::test]
 async fn a_peer_that_stops_answering_pings_is_closed() {

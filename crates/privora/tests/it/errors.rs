@@ -33,9 +33,14 @@ async fn an_invalid_token_gets_an_error_then_close_1008() {
         assert_eq!(client.expect_close().await, 1008);
     }
     // A token signed with another secret says why it failed.
-    let other = privora::auth::dev::DevVerifier::new(&privora::config::DevSecret::Given("x".repeat(40))).unwrap();
+    let other =
+        privora::auth::dev::DevVerifier::new(&privora::config::DevSecret::Given("x".repeat(40))).unwrap();
     let mut client = server.connect().await;
-    client.send_json(json!({"type": "login", "token": other.mint("alice", None, std::time::Duration::from_secs(60))})).await;
+    client
+        .send_json(
+            json!({"type": "login", "token": other.mint("alice", None, std::time::Duration::from_secs(60))}),
+        )
+        .await;
     assert!(client.expect_error("invalid_token").await.contains("signature"));
     assert_eq!(client.expect_close().await, 1008);
 }
@@ -62,7 +67,10 @@ async fn malformed_frames_get_bad_frame_and_the_connection_stays_open() {
         (json!({"type": "message", "message": "no recipient"}).to_string(), "\"to\""),
         (json!({"type": "message", "to": "bob"}).to_string(), "\"message\""),
         (json!({"type": "message", "to": 42, "message": "x"}).to_string(), "\"to\" must be a string"),
-        (json!({"type": "message", "to": "bob", "message": ["x"]}).to_string(), "\"message\" must be a string"),
+        (
+            json!({"type": "message", "to": "bob", "message": ["x"]}).to_string(),
+            "\"message\" must be a string",
+        ),
         (json!({"type": "message", "to": "", "message": "x"}).to_string(), "\"to\" is empty"),
         (json!({"type": "message", "to": "bob", "message": ""}).to_string(), "\"message\" is empty"),
         (json!({"type": "message", "to": "b".repeat(400), "message": "x"}).to_string(), "longer than"),

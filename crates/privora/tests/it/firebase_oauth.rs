@@ -23,7 +23,10 @@ struct Google {
     token_uri: String,
 }
 
-async fn token(State(google): State<Arc<Google>>, Form(form): Form<HashMap<String, String>>) -> (StatusCode, Json<Value>) {
+async fn token(
+    State(google): State<Arc<Google>>,
+    Form(form): Form<HashMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
     let mut validation = Validation::new(Algorithm::RS256);
     validation.set_audience(&[google.token_uri.as_str()]);
     validation.set_issuer(&[format!("firebase-adminsdk@{TEST_PROJECT}.iam.gserviceaccount.com")]);
@@ -36,18 +39,31 @@ async fn token(State(google): State<Arc<Google>>, Form(form): Form<HashMap<Strin
             if data.claims["scope"].as_str().is_some_and(|s| s.contains("identitytoolkit")) =>
         {
             let n = google.grants.fetch_add(1, Ordering::SeqCst) + 1;
-            (StatusCode::OK, Json(json!({"access_token": format!("token-{n}"), "expires_in": 3600, "token_type": "Bearer"})))
+            (
+                StatusCode::OK,
+                Json(
+                    json!({"access_token": format!("token-{n}"), "expires_in": 3600, "token_type": "Bearer"}),
+                ),
+            )
         }
-        (_, claims) => (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_grant", "detail": format!("{claims:?}")}))),
+        (_, claims) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_grant", "detail": format!("{claims:?}")})),
+        ),
     }
 }
 
-async fn batch_get(headers: HeaderMap, Query(query): Query<HashMap<String, String>>) -> (StatusCode, Json<Value>) {
+async fn batch_get(
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
     if headers.get("authorization").and_then(|h| h.to_str().ok()) != Some("Bearer token-1") {
         return (StatusCode::UNAUTHORIZED, Json(json!({"error": {"message": "bad bearer"}})));
     }
     let page = match query.get("nextPageToken").map(String::as_str) {
-        None => json!({"users": [{"localId": "u1", "email": "ann@example.com", "displayName": "Ann"}], "nextPageToken": "p2"}),
+        None => {
+            json!({"users": [{"localId": "u1", "email": "ann@example.com", "displayName": "Ann"}], "nextPageToken": "p2"})
+        }
         Some("p2") => json!({"users": [{"localId": "u2", "displayName": "No Email", "disabled": true}]}),
         Some(_) => return (StatusCode::BAD_REQUEST, Json(json!({}))),
     };
@@ -70,14 +86,16 @@ async fn the_service_account_grant_is_signed_cached_and_used() {
     let serve = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let account = ServiceAccount::load(&service_account(dir.path(), &keys()[0], &google.token_uri)).expect("account");
+    let account =
+        ServiceAccount::load(&service_account(dir.path(), &keys()[0], &google.token_uri)).expect("account");
     let api = AdminApi::production(account, reqwest::Client::new()).expect("api").with_base(&base);
     let first = api.list_users(None).await.expect("first page");
     assert_eq!(first.users[0].display_name.as_deref(), Some("Ann"));
     let second = api.list_users(first.next_page_token.as_deref()).await.expect("second page");
     assert!(second.users[0].disabled && second.next_page_token.is_none());
     assert_eq!(google.grants.load(Ordering::SeqCst), 1, "the access token is cached across calls");
-    let rows: Vec<_> = first.users.into_iter().chain(second.users).map(privora::directory::record_of).collect();
+    let rows: Vec<_> =
+        first.users.into_iter().chain(second.users).map(privora::directory::record_of).collect();
     assert_eq!(rows[0].user_id, "ann@example.com");
     assert_eq!(rows[1].user_id, "u2", "a user without email is addressed by uid, as logins are");
     serve.abort();

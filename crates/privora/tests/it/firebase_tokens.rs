@@ -16,7 +16,8 @@ async fn a_valid_token_is_accepted() {
     let certs = CertServer::start(3600).await;
     certs.publish(&keys()[0]);
     let verifier = certs.verifier();
-    let identity = verifier.verify(&keys()[0].sign(&claims(TEST_PROJECT, "alice"))).await.expect("valid token");
+    let identity =
+        verifier.verify(&keys()[0].sign(&claims(TEST_PROJECT, "alice"))).await.expect("valid token");
     assert_eq!(identity.uid, "alice");
     assert_eq!(identity.email.as_deref(), Some("alice@example.com"));
     assert_eq!(identity.display_name.as_deref(), Some("User alice"));
@@ -47,16 +48,25 @@ async fn each_rule_refuses_with_its_reason() {
             })),
             AuthError::Expired,
         ),
-        ("iat in the future", published.sign(&alice_with(|c| c["iat"] = json!(now + 600))), AuthError::IssuedInFuture),
+        (
+            "iat in the future",
+            published.sign(&alice_with(|c| c["iat"] = json!(now + 600))),
+            AuthError::IssuedInFuture,
+        ),
         (
             "auth_time in the future",
             published.sign(&alice_with(|c| c["auth_time"] = json!(now + 600))),
             AuthError::AuthTimeInFuture,
         ),
-        ("wrong aud", published.sign(&alice_with(|c| c["aud"] = json!("another-project"))), AuthError::Audience),
+        (
+            "wrong aud",
+            published.sign(&alice_with(|c| c["aud"] = json!("another-project"))),
+            AuthError::Audience,
+        ),
         (
             "wrong iss",
-            published.sign(&alice_with(|c| c["iss"] = json!("https://securetoken.google.com/another-project"))),
+            published
+                .sign(&alice_with(|c| c["iss"] = json!("https://securetoken.google.com/another-project"))),
             AuthError::Issuer,
         ),
         ("unknown kid", unpublished.sign(&claims(TEST_PROJECT, "alice")), AuthError::UnknownKey),
@@ -67,7 +77,11 @@ async fn each_rule_refuses_with_its_reason() {
         ),
         (
             "alg none",
-            token_with_header(&json!({"alg": "none", "kid": published.kid}), &claims(TEST_PROJECT, "alice"), b""),
+            token_with_header(
+                &json!({"alg": "none", "kid": published.kid}),
+                &claims(TEST_PROJECT, "alice"),
+                b"",
+            ),
             AuthError::Algorithm("none".into()),
         ),
         (
@@ -77,7 +91,11 @@ async fn each_rule_refuses_with_its_reason() {
         ),
         (
             "RS512",
-            token_with_header(&json!({"alg": "RS512", "kid": published.kid}), &claims(TEST_PROJECT, "alice"), b"sig"),
+            token_with_header(
+                &json!({"alg": "RS512", "kid": published.kid}),
+                &claims(TEST_PROJECT, "alice"),
+                b"sig",
+            ),
             AuthError::Algorithm("RS512".into()),
         ),
         (
@@ -88,7 +106,11 @@ async fn each_rule_refuses_with_its_reason() {
             AuthError::Subject,
         ),
         ("empty sub", published.sign(&alice_with(|c| c["sub"] = json!(""))), AuthError::Subject),
-        ("sub over 128 chars", published.sign(&alice_with(|c| c["sub"] = json!("u".repeat(129)))), AuthError::Subject),
+        (
+            "sub over 128 chars",
+            published.sign(&alice_with(|c| c["sub"] = json!("u".repeat(129)))),
+            AuthError::Subject,
+        ),
         (
             "no kid",
             token_with_header(&json!({"alg": "RS256"}), &claims(TEST_PROJECT, "alice"), b"sig"),
@@ -159,7 +181,10 @@ async fn emulator_mode_accepts_unsigned_tokens_but_keeps_every_claim_rule() {
         None,
     );
     let none = json!({"alg": "none", "typ": "JWT"});
-    let identity = verifier.verify(&token_with_header(&none, &claims(TEST_PROJECT, "emu"), b"")).await.expect("unsigned");
+    let identity = verifier
+        .verify(&token_with_header(&none, &claims(TEST_PROJECT, "emu"), b""))
+        .await
+        .expect("unsigned");
     assert_eq!(identity.uid, "emu");
     let expired = alice_with(|c| {
         c["iat"] = json!(now() - 7200);

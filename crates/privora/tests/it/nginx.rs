@@ -24,8 +24,10 @@ impl Nginx {
     /// Starts nginx with deploy/nginx.conf pointed at `backend` (which also serves the web
     /// client, standing in for the frontend container).
     async fn start(backend: &TestServer) -> Nginx {
-        let nginx = require_program("nginx", &["/usr/sbin/nginx", "/usr/bin/nginx"], "apt-get install -y nginx");
-        let shipped = std::fs::read_to_string(repo_root().join("deploy/nginx.conf")).expect("deploy/nginx.conf");
+        let nginx =
+            require_program("nginx", &["/usr/sbin/nginx", "/usr/bin/nginx"], "apt-get install -y nginx");
+        let shipped =
+            std::fs::read_to_string(repo_root().join("deploy/nginx.conf")).expect("deploy/nginx.conf");
         let port = free_port();
         let upstream = format!("127.0.0.1:{}", backend.addr.port());
         let mut conf = shipped.clone();
@@ -57,7 +59,11 @@ impl Nginx {
             .args(["-t", "-p", &prefix, "-c", &conf_path.display().to_string(), "-g", &globals])
             .output()
             .expect("run nginx -t");
-        assert!(check.status.success(), "nginx -t refused the config:\n{}", String::from_utf8_lossy(&check.stderr));
+        assert!(
+            check.status.success(),
+            "nginx -t refused the config:\n{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
         let child = Command::new(&nginx)
             .args(["-p", &prefix, "-c", &conf_path.display().to_string(), "-g", &globals])
             .stdin(Stdio::null())
@@ -115,7 +121,10 @@ async fn get_with_token(url: &str, token: &str) -> (u16, serde_json::Value) {
 async fn the_deploy_config_routes_web_api_and_websocket() {
     let server = TestServer::start().await;
     let nginx = Nginx::start(&server).await;
-    assert!(Path::new(&nginx.dir.path().join("nginx.pid")).exists(), "nginx wrote its pid into the temp prefix");
+    assert!(
+        Path::new(&nginx.dir.path().join("nginx.pid")).exists(),
+        "nginx wrote its pid into the temp prefix"
+    );
 
     // `/`: the web client.
     let (status, page) = get_text(&nginx.url("/")).await;
@@ -144,7 +153,10 @@ async fn the_deploy_config_routes_web_api_and_websocket() {
     assert!(burst.history.is_empty());
     alice.message("bob@x.io", "through the proxy").await;
     let live = bob.expect_type("message").await;
-    assert_eq!((live["from"].as_str(), live["message"].as_str()), (Some("alice@x.io"), Some("through the proxy")));
+    assert_eq!(
+        (live["from"].as_str(), live["message"].as_str()),
+        (Some("alice@x.io"), Some("through the proxy"))
+    );
     bob.message("alice@x.io", "and back").await;
     let reply = alice.expect_type("message").await;
     assert_eq!(reply["message"], "and back");

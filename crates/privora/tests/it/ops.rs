@@ -63,7 +63,12 @@ async fn dev_token_registers_the_user_and_logs_in() {
 #[tokio::test]
 async fn dev_token_refuses_insane_names() {
     let server = TestServer::start().await;
-    for body in [json!({"name": ""}), json!({"name": "<b>x</b>"}), json!({"name": "x".repeat(41)}), json!({"nome": "x"})] {
+    for body in [
+        json!({"name": ""}),
+        json!({"name": "<b>x</b>"}),
+        json!({"name": "x".repeat(41)}),
+        json!({"nome": "x"}),
+    ] {
         let (status, answer) = server.post_json("/dev/token", body.clone()).await;
         assert_eq!(status, 400, "{body} -> {answer}");
         assert_eq!(answer["code"], "bad_request");
@@ -110,7 +115,8 @@ async fn openapi_describes_the_rest_endpoints() {
     let (status, doc) = server.get("/api/openapi.json", None).await;
     assert_eq!(status, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-    for path in ["/search-users", "/healthz", "/readyz", "/config", "/dev/token", "/metrics", "/openapi.json"] {
+    for path in ["/search-users", "/healthz", "/readyz", "/config", "/dev/token", "/metrics", "/openapi.json"]
+    {
         assert!(doc["paths"][path].is_object(), "{path} missing from {}", doc["paths"]);
     }
     assert_eq!(doc["paths"]["/dev/token"]["post"]["requestBody"]["required"], true);

@@ -36,9 +36,12 @@ async fn conformance(store: &dyn Store) {
         store.upsert_user(user(id, name)).await.unwrap();
     }
     // Unknown recipients are refused and nothing is stored.
-    assert!(matches!(store.append(message("a", "zz", "x")).await, Err(StoreError::UnknownRecipient(r)) if r == "zz"));
+    assert!(
+        matches!(store.append(message("a", "zz", "x")).await, Err(StoreError::UnknownRecipient(r)) if r == "zz")
+    );
 
-    let first = store.append(NewMessage { msg_id: Some(json!("m-1")), ..message("a", "b", "one") }).await.unwrap();
+    let first =
+        store.append(NewMessage { msg_id: Some(json!("m-1")), ..message("a", "b", "one") }).await.unwrap();
     let second = store.append(message("c", "b", "two")).await.unwrap();
     let third = store.append(message("b", "a", "three")).await.unwrap();
     assert!(first.id < second.id && second.id < third.id);
@@ -68,7 +71,10 @@ async fn conformance(store: &dyn Store) {
             Contact { user_id: "c".into(), display_name: "c".into() },
         ]
     );
-    assert_eq!(store.contacts("a").await.unwrap(), vec![Contact { user_id: "b".into(), display_name: "Ben".into() }]);
+    assert_eq!(
+        store.contacts("a").await.unwrap(),
+        vec![Contact { user_id: "b".into(), display_name: "Ben".into() }]
+    );
 
     store.upsert_user(user("b", Some("Benjamin"))).await.unwrap();
     // A login whose token has no name keeps the known one.

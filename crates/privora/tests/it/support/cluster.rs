@@ -32,7 +32,8 @@ pub fn test_backend() -> Backend {
 
 /// The shared test PostgreSQL (trust auth, database `test`).
 pub fn pg_base_url() -> String {
-    std::env::var("PRIVORA_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("PRIVORA_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// Schemas of earlier runs older than this are dropped, so the test database does not fill up;
@@ -42,28 +43,36 @@ const STALE_SCHEMA_SECS: u64 = 3600;
 /// A URL for a brand-new, empty schema of the test database: every server or store gets its
 /// own, so tests and concurrent runs never see each other's rows.
 pub async fn pg_schema_url() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
     let schema = format!("privora_t_{now}_{:016x}", rand::random::<u64>());
-    let mut conn = sqlx::PgConnection::connect(&pg_base_url())
-        .await
-        .unwrap_or_else(|e| panic!("the test PostgreSQL at {} must answer (scripts/test starts it): {e}", pg_base_url()));
+    let mut conn = sqlx::PgConnection::connect(&pg_base_url()).await.unwrap_or_else(|e| {
+        panic!("the test PostgreSQL at {} must answer (scripts/test starts it): {e}", pg_base_url())
+    });
     static CLEANED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     CLEANED
         .get_or_init(|| async {
             let Ok(mut conn) = sqlx::PgConnection::connect(&pg_base_url()).await else { return };
-            let old: Vec<String> = sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'privora\\_t\\_%'")
-                .fetch_all(&mut conn)
-                .await
-                .unwrap_or_default();
+            let old: Vec<String> = sqlx::query_scalar(
+                "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'privora\\_t\\_%'",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
             for name in old {
                 let born = name.split('_').nth(2).and_then(|t| t.parse::<u64>().ok()).unwrap_or(now);
                 if now.saturating_sub(born) > STALE_SCHEMA_SECS {
-                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE")).execute(&mut conn).await;
+                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                        .execute(&mut conn)
+                        .await;
                 }
             }
         })
         .await;
-    sqlx::query(&format!("CREATE SCHEMA \"{schema}\"")).execute(&mut conn).await.expect("create a test schema");
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&mut conn)
+        .await
+        .expect("create a test schema");
     let base = pg_base_url();
     let sep = if base.contains('?') { '&' } else { '?' };
     format!("{base}{sep}options[search_path]={schema}")
@@ -137,7 +146,9 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let addr = addr.unwrap_or_else(|| panic!("privora serve never listened:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        let addr = addr.unwrap_or_else(|| {
+            panic!("privora serve never listened:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+        });
         Node { child, addr, log, _dir: dir }
     }
 
@@ -197,7 +208,8 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub async fn start() -> PrivateRedis {
-        let mut redis = PrivateRedis { port: free_port(), child: None, dir: tempfile::tempdir().expect("temp dir") };
+        let mut redis =
+            PrivateRedis { port: free_port(), child: None, dir: tempfile::tempdir().expect("temp dir") };
         redis.start_again().await;
         redis
     }
@@ -210,7 +222,16 @@ impl PrivateRedis {
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "this Redis is already running");
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -263,12 +284,16 @@ impl PrivatePostgres {
             .expect("initdb under /usr/lib/postgresql/*/bin");
         let dir = tempfile::Builder::new().prefix("privora-pg-").tempdir_in("/tmp").expect("temp dir");
         if running_as_root() {
-            let status = Command::new("chown").arg("postgres:postgres").arg(dir.path()).status().expect("chown");
+            let status =
+                Command::new("chown").arg("postgres:postgres").arg(dir.path()).status().expect("chown");
             assert!(status.success(), "chown of the private PostgreSQL directory failed");
         }
         let pg = PrivatePostgres { port: free_port(), bin, dir };
         let data = pg.dir.path().join("data");
-        pg.run("initdb", &["-D", path_str(&data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        pg.run(
+            "initdb",
+            &["-D", path_str(&data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"],
+        );
         pg.start_again().await;
         pg
     }
@@ -278,12 +303,17 @@ impl PrivatePostgres {
     }
 
     pub async fn start_again(&self) {
-        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, path_str(self.dir.path()));
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            path_str(self.dir.path())
+        );
         let data = self.dir.path().join("data");
         let log = self.dir.path().join("postgres.log");
         self.run("pg_ctl", &["-D", path_str(&data), "-l", path_str(&log), "-o", &options, "-w", "start"]);
         let port = self.port;
-        wait_until("the private PostgreSQL listens", || TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+        wait_until("the private PostgreSQL listens", || TcpStream::connect(("127.0.0.1", port)).is_ok())
+            .await;
     }
 
     /// Stops it (fast mode: open connections are cut, as in a crash or a failover).

@@ -74,7 +74,13 @@ impl SigningKey {
         let der = private.to_pkcs1_der().expect("PKCS#1 DER");
         let public_pem = public.to_public_key_pem(rsa::pkcs8::LineEnding::LF).expect("public PEM");
         let private_pem = private.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).expect("private PEM").to_string();
-        SigningKey { kid: kid.into(), encoding: EncodingKey::from_rsa_der(der.as_bytes()), cert_pem, public_pem, private_pem }
+        SigningKey {
+            kid: kid.into(),
+            encoding: EncodingKey::from_rsa_der(der.as_bytes()),
+            cert_pem,
+            public_pem,
+            private_pem,
+        }
     }
 
     /// Signs `claims` with RS256 under this key's id.
@@ -96,7 +102,9 @@ impl SigningKey {
 /// and `[1]` are published as the tests need, `[2]` never is.
 pub fn keys() -> &'static [SigningKey; 3] {
     static KEYS: OnceLock<[SigningKey; 3]> = OnceLock::new();
-    KEYS.get_or_init(|| [SigningKey::generate("key-a"), SigningKey::generate("key-b"), SigningKey::generate("key-c")])
+    KEYS.get_or_init(|| {
+        [SigningKey::generate("key-a"), SigningKey::generate("key-b"), SigningKey::generate("key-c")]
+    })
 }
 
 /// Claims of a valid Firebase ID token for `uid` in `project`, issued now, valid for an hour.
@@ -125,7 +133,8 @@ pub fn token_with_header(header: &Value, claims: &Value, signature: &[u8]) -> St
 pub fn hs256_with_public_key(key: &SigningKey, claims: &Value) -> String {
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some(key.kid.clone());
-    jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(key.public_pem.as_bytes())).expect("HS256 signing")
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(key.public_pem.as_bytes()))
+        .expect("HS256 signing")
 }
 
 /// A service-account JSON for `TEST_PROJECT` in `dir`, signed by `key`, whose OAuth endpoint
@@ -161,7 +170,8 @@ struct CertState {
 
 impl CertServer {
     pub async fn start(max_age: u64) -> CertServer {
-        let state = Arc::new(CertState { certs: Mutex::new(BTreeMap::new()), fetches: AtomicU64::new(0), max_age });
+        let state =
+            Arc::new(CertState { certs: Mutex::new(BTreeMap::new()), fetches: AtomicU64::new(0), max_age });
         let app = Router::new().route("/certs", get(serve_certs)).with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind cert server");
         let addr = listener.local_addr().expect("cert server address");
@@ -204,7 +214,10 @@ impl Drop for CertServer {
 async fn serve_certs(State(state): State<Arc<CertState>>) -> impl IntoResponse {
     state.fetches.fetch_add(1, Ordering::SeqCst);
     let certs = state.certs.lock().expect("certs").clone();
-    ([(CACHE_CONTROL, format!("public, max-age={}, must-revalidate, no-transform", state.max_age))], Json(certs))
+    (
+        [(CACHE_CONTROL, format!("public, max-age={}, must-revalidate, no-transform", state.max_age))],
+        Json(certs),
+    )
 }
 
 /// The Firebase Auth Emulator that scripts/test started (host:port in `PRIVORA_TEST_AUTH_EMULATOR`).
@@ -235,7 +248,10 @@ impl Emulator {
         let emulator = Emulator { host, http: reqwest::Client::new() };
         let alive = emulator.http.get(format!("http://{}/", emulator.host)).send().await;
         if !alive.is_ok_and(|r| r.status().is_success()) {
-            panic!("the Firebase Auth Emulator at {} does not answer; run scripts/test, which starts it", emulator.host);
+            panic!(
+                "the Firebase Auth Emulator at {} does not answer; run scripts/test, which starts it",
+                emulator.host
+            );
         }
         emulator
     }

@@ -5,8 +5,8 @@
 
 #![allow(dead_code)]
 
-pub mod firebase;
 pub mod cluster;
+pub mod firebase;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -118,10 +118,12 @@ impl TestServer {
     pub async fn execute_sql(&self, sql: &str) {
         use sqlx::Connection;
         if self.database_url.starts_with("postgres") {
-            let mut conn = sqlx::PgConnection::connect(&self.database_url).await.expect("connect to PostgreSQL");
+            let mut conn =
+                sqlx::PgConnection::connect(&self.database_url).await.expect("connect to PostgreSQL");
             sqlx::query(sql).execute(&mut conn).await.expect("SQL runs");
         } else {
-            let mut conn = sqlx::SqliteConnection::connect(&self.database_url).await.expect("connect to SQLite");
+            let mut conn =
+                sqlx::SqliteConnection::connect(&self.database_url).await.expect("connect to SQLite");
             sqlx::query(sql).execute(&mut conn).await.expect("SQL runs");
         }
     }
@@ -133,7 +135,13 @@ impl TestServer {
     /// Stops the server gracefully and starts a new one on the same database.
     pub async fn restart(mut self) -> TestServer {
         self.stop().await;
-        TestServer::launch(self.dir.clone(), self.args.clone(), self.database_url.clone(), self.firebase.clone()).await
+        TestServer::launch(
+            self.dir.clone(),
+            self.args.clone(),
+            self.database_url.clone(),
+            self.firebase.clone(),
+        )
+        .await
     }
 
     pub async fn stop(&mut self) {
@@ -265,7 +273,8 @@ impl Client {
     /// The next text frame or the close; WebSocket pings are answered by the client stack.
     pub async fn next_event(&mut self) -> Event {
         loop {
-            let next = tokio::time::timeout(PATIENCE, self.ws.next()).await.expect("a frame within the patience");
+            let next =
+                tokio::time::timeout(PATIENCE, self.ws.next()).await.expect("a frame within the patience");
             match next {
                 Some(Ok(Message::Text(text))) => return Event::Text(text.to_string()),
                 Some(Ok(Message::Close(frame))) => return Event::Closed(frame),
@@ -399,11 +408,9 @@ pub fn repo_root() -> PathBuf {
 /// The first of `candidates` that is an executable file, or a panic that says how to get it:
 /// a test whose tool is missing fails, it does not skip.
 pub fn require_program(what: &str, candidates: &[&str], install: &str) -> PathBuf {
-    candidates
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{what} is not installed ({}); scripts/test installs it: {install}", candidates.join(", ")))
+    candidates.iter().map(PathBuf::from).find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!("{what} is not installed ({}); scripts/test installs it: {install}", candidates.join(", "))
+    })
 }
 
 /// A free TCP port on 127.0.0.1 (for a child process that cannot be told to use port 0).
@@ -414,7 +421,8 @@ pub fn free_port() -> u16 {
 
 impl TestServer {
     pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = reqwest::Client::new().post(self.url(path)).json(&body).send().await.expect("HTTP request");
+        let response =
+            reqwest::Client::new().post(self.url(path)).json(&body).send().await.expect("HTTP request");
         let status = response.status().as_u16();
         (status, response.json::<Value>().await.unwrap_or(Value::Null))
     }
@@ -441,5 +449,4 @@ impl Client {
         let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("WebSocket connects");
         Client { ws }
     }
-
 }
