@@ -87,15 +87,11 @@ const MESSAGE_COLUMNS: &str = "id, sender, sender_display_name, recipient, messa
 #[async_trait]
 impl Store for PostgresStore {
     async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
-        self.writes.write(|reply| WriteOp::Append(message, reply)).await
+        self.writes.append(message).await
     }
 
     async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let recipient = recipient.to_string();
-        self.writes.write(|reply| WriteOp::Delivered { recipient, ids, reply }).await
+        self.writes.mark_delivered(recipient, ids).await
     }
 
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
@@ -141,7 +137,7 @@ impl Store for PostgresStore {
     }
 
     async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
-        self.writes.write(|reply| WriteOp::UpsertUser(user, reply)).await
+        self.writes.upsert_user(user).await
     }
 
     async fn display_name(&self, user_id: &str) -> Result<Option<String>, StoreError> {

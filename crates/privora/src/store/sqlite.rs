@@ -76,15 +76,11 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
-        self.writes.write(|reply| WriteOp::Append(message, reply)).await
+        self.writes.append(message).await
     }
 
     async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let recipient = recipient.to_string();
-        self.writes.write(|reply| WriteOp::Delivered { recipient, ids, reply }).await
+        self.writes.mark_delivered(recipient, ids).await
     }
 
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
@@ -140,7 +136,7 @@ impl Store for SqliteStore {
     }
 
     async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
-        self.writes.write(|reply| WriteOp::UpsertUser(user, reply)).await
+        self.writes.upsert_user(user).await
     }
 
     async fn display_name(&self, user_id: &str) -> Result<Option<String>, StoreError> {

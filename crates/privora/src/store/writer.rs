@@ -42,8 +42,28 @@ impl WriteQueue {
     /// Queues one operation and waits until its batch is committed. `Closed` once shut down.
     pub async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
+        crate::metrics::store_queue(self.writes.max_capacity() - self.writes.capacity());
         self.writes.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// `Store::append`, for every store that writes through this queue.
+    pub async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
+        self.write(|reply| WriteOp::Append(message, reply)).await
+    }
+
+    /// `Store::mark_delivered`, for every store that writes through this queue.
+    pub async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let recipient = recipient.to_string();
+        self.write(|reply| WriteOp::Delivered { recipient, ids, reply }).await
+    }
+
+    /// `Store::upsert_user`, for every store that writes through this queue.
+    pub async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
+        self.write(|reply| WriteOp::UpsertUser(user, reply)).await
     }
 
     pub fn is_closed(&self) -> bool {
