@@ -164,7 +164,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn rate_limiter_allows_the_burst_then_refuses() {
+    fn rate_limiter_allows_the_burst_then_refuses() {
         let mut limiter = RateLimiter::new(crate::config::RateLimit { per_second: 1, burst: 3 });
         assert!((0..3).all(|_| limiter.allow()));
         assert!(!limiter.allow());

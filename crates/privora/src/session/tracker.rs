@@ -48,7 +48,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn a_pong_confirms_everything_before_its_ping() {
+    fn a_pong_confirms_everything_before_its_ping() {
         let mut t = Tracker::new();
         t.unpinged.extend([1, 2]);
         assert!(t.wants_delivery_ping());

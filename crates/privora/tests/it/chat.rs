@@ -194,3 +194,28 @@ async fn a_token_without_a_name_uses_the_name_the_directory_knows() {
     alice.message("bob@example.com", "hi").await;
     assert_eq!(bob.expect_type("message").await["fromDisplayName"], "Alice From The Directory");
 }
+
+#[tokio::test]
+async fn a_burst_from_one_sender_is_stored_and_answered_in_order() {
+    let server = TestServer::start_with(&["--rate-limit", "0"]).await;
+    let (mut alice, _) = server.login("alice").await;
+    let (mut bob, _) = server.login("bob").await;
+    // Sent without waiting: the server reads ahead while earlier messages are being stored.
+    for i in 0..200 {
+        if i == 100 {
+            alice.message("nobody", "refused in its place").await;
+        }
+        alice.message("bob", &i.to_string()).await;
+    }
+    let answers = alice.sync().await;
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0]["code"], "unknown_recipient", "the refusal comes before the pong");
+    let mut last_id = 0;
+    for i in 0..200 {
+        let frame = bob.expect_type("message").await;
+        assert_eq!(frame["message"], i.to_string(), "one sender's messages arrive in order");
+        let id = frame["id"].as_i64().unwrap();
+        assert!(id > last_id, "and are stored in order");
+        last_id = id;
+    }
+}
