@@ -35,6 +35,33 @@ pub struct StoredMessage {
     pub msg_id: Option<Value>,
 }
 
+/// A `messages` row as both stores select it; `client_msg_id` is the client's `msg_id` as JSON
+/// text.
+#[derive(sqlx::FromRow)]
+pub(crate) struct MessageRow {
+    id: i64,
+    sender: String,
+    sender_display_name: String,
+    recipient: String,
+    message: String,
+    timestamp: String,
+    client_msg_id: Option<String>,
+}
+
+impl From<MessageRow> for StoredMessage {
+    fn from(row: MessageRow) -> StoredMessage {
+        StoredMessage {
+            id: row.id,
+            sender: row.sender,
+            sender_display_name: row.sender_display_name,
+            recipient: row.recipient,
+            message: row.message,
+            timestamp: row.timestamp,
+            msg_id: row.client_msg_id.and_then(|text| serde_json::from_str(&text).ok()),
+        }
+    }
+}
+
 /// A user as a login (or the directory) describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {

@@ -16,12 +16,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use privora_protocol::Contact;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{ConnectOptions, Connection, Row};
+use sqlx::{ConnectOptions, Connection, FromRow, Row};
 use tokio::sync::mpsc;
 
 use super::sqlite::now_iso8601;
 use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
-use super::{contacts_by_name, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use super::{contacts_by_name, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -100,7 +100,7 @@ impl Store for PostgresStore {
              WHERE id IN (SELECT message_id FROM pending WHERE recipient = $1) ORDER BY id"
         );
         let rows = self.read(|| sqlx::query(&sql).bind(recipient).fetch_all(&self.pool)).await?;
-        Ok(rows.iter().map(message_from_row).collect())
+        rows.iter().map(message_from_row).collect()
     }
 
     async fn history(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
@@ -118,7 +118,7 @@ impl Store for PostgresStore {
         );
         let rows =
             self.read(|| sqlx::query(&sql).bind(user).bind(i64::from(limit)).fetch_all(&self.pool)).await?;
-        Ok(rows.iter().map(message_from_row).collect())
+        rows.iter().map(message_from_row).collect()
     }
 
     async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError> {
@@ -194,17 +194,8 @@ fn sorted_contacts(rows: &[PgRow]) -> Vec<Contact> {
     contacts_by_name(rows.iter().map(|row| (row.get(0), row.get(1))))
 }
 
-fn message_from_row(row: &PgRow) -> StoredMessage {
-    let msg_id: Option<String> = row.get(6);
-    StoredMessage {
-        id: row.get(0),
-        sender: row.get(1),
-        sender_display_name: row.get(2),
-        recipient: row.get(3),
-        message: row.get(4),
-        timestamp: row.get(5),
-        msg_id: msg_id.and_then(|text| serde_json::Value::from_str(&text).ok()),
-    }
+fn message_from_row(row: &PgRow) -> Result<StoredMessage, StoreError> {
+    MessageRow::from_row(row).map(StoredMessage::from).map_err(from_sqlx)
 }
 
 /// Lost connections, a database shutting down or starting, too many clients, serialization

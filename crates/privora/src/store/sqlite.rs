@@ -8,7 +8,6 @@
 //! async runtime.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,11 +16,11 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Row};
+use sqlx::{ConnectOptions, Connection, FromRow, Row};
 use tokio::sync::mpsc;
 
 use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
-use super::{contacts_by_name, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use super::{contacts_by_name, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -200,16 +199,7 @@ impl Store for SqliteStore {
 }
 
 fn message_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredMessage, StoreError> {
-    let msg_id: Option<String> = row.get(6);
-    Ok(StoredMessage {
-        id: row.get(0),
-        sender: row.get(1),
-        sender_display_name: row.get(2),
-        recipient: row.get(3),
-        message: row.get(4),
-        timestamp: row.get(5),
-        msg_id: msg_id.and_then(|text| serde_json::Value::from_str(&text).ok()),
-    })
+    MessageRow::from_row(row).map(StoredMessage::from).map_err(from_sqlx)
 }
 
 /// Busy, locked, I/O and pool errors mean "try again later"; anything else is a real fault.
