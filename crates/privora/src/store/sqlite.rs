@@ -1,31 +1,58 @@
 //! The SQLite store: the embedded default, one file, no server.
 //!
 //! WAL mode, `synchronous = FULL` (a committed message survives a power cut). All writes go
-//! through one writer task that owns the only writing connection and commits whatever has queued
-//! up in one transaction (group commit): many senders share one fsync, and no write ever waits
-//! on SQLite's lock. Reads go through a small pool of read-only connections, which WAL lets run
-//! beside the writer. sqlx runs each connection on its own thread, so nothing here blocks the
-//! async runtime.
+//! through one writer thread that owns the only writing connection (rusqlite, prepared
+//! statements, no hand-off per statement) and commits whatever has queued up in one transaction
+//! (group commit): many senders share one fsync, and no write ever waits on SQLite's lock.
+//!
+//! Storing a message is one append at the end of `messages`. The indexes that find a user's
+//! messages (`timeline`, `pending`, `contacts`) are brought up to date by the same thread in
+//! sorted folds every few thousand messages; reads add the short unfolded tail by scanning it
+//! (see migrations/sqlite/0002_indexed_tail.sql for why).
+//!
+//! Reads go through a small pool of read-only sqlx connections, which WAL lets run beside the
+//! writer, each on its own thread, so nothing here blocks the async runtime.
 
+use std::collections::HashSet;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use privora_protocol::Contact;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
+use rusqlite::TransactionBehavior;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, FromRow, Row};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
+use super::writer::{Reply, WriteOp, WriteQueue};
 use super::{contacts_by_name, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 1024;
+/// Known users the writer remembers, to skip lookups; forgotten when full.
+const WRITER_CACHE: usize = 100_000;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+/// When the writer folds the tail (the newest messages) into the indexes.
+///
+/// Larger folds write each index page less often; a longer tail makes reads that scan it
+/// (login, contacts) slower. At 16,384 messages the scan takes a few milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct IndexPolicy {
+    /// Fold once the tail holds this many messages.
+    pub rows: i64,
+    /// Fold a shorter tail once this long has passed since the last fold and the writer is idle.
+    pub interval: Duration,
+    /// Most messages one fold takes: appends wait while it runs, so it is kept short.
+    pub chunk: i64,
+}
+
+impl Default for IndexPolicy {
+    fn default() -> IndexPolicy {
+        IndexPolicy { rows: 16_384, interval: Duration::from_secs(1), chunk: 4096 }
+    }
+}
 
 pub struct SqliteStore {
     writes: WriteQueue,
@@ -35,6 +62,11 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database file and brings its schema up to date.
     pub async fn open(path: &Path, readers: u32) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, readers, IndexPolicy::default()).await
+    }
+
+    /// `open`, with a chosen fold policy (the tests fold after every batch, or never).
+    pub async fn open_with(path: &Path, readers: u32, policy: IndexPolicy) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
                 StoreError::Unavailable(format!("cannot create the folder {}: {e}", parent.display()))
@@ -47,27 +79,33 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
             .pragma("temp_store", "memory")
-            // The default 2 MB page cache made the writer spill and re-read index pages on every
-            // batch (a fifth of its time in the profile); pages are only allocated when used.
-            .pragma("cache_size", "-65536")
-            // Checkpoint less often: a hot index page is copied once per checkpoint, however
-            // many commits touched it (the default, 1000 pages, took 17 % of the writer).
-            .pragma("wal_autocheckpoint", "8192")
+            .pragma("cache_size", "-16384")
             .disable_statement_logging();
-        let mut writer = options.connect().await.map_err(|e| {
+        let mut migrations = options.connect().await.map_err(|e| {
             StoreError::Unavailable(format!("cannot open the SQLite database {}: {e}", path.display()))
         })?;
         MIGRATOR
-            .run(&mut writer)
+            .run(&mut migrations)
             .await
             .map_err(|e| StoreError::Database(format!("cannot migrate {}: {e}", path.display())))?;
+        let _ = migrations.close().await;
+        let owned = path.to_path_buf();
+        let writer = tokio::task::spawn_blocking(move || Writer::open(&owned, policy))
+            .await
+            .map_err(|e| StoreError::Database(format!("the SQLite writer did not start: {e}")))?
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot open the SQLite database {}: {e}", path.display()))
+            })?;
+        let writes = WriteQueue::spawn_thread("privora-sqlite-writer", MAX_BATCH * 4, move |queue| {
+            writer.run(queue)
+        })
+        .map_err(|e| StoreError::Database(format!("cannot start the SQLite writer thread: {e}")))?;
         let reads = SqlitePoolOptions::new()
             .max_connections(readers)
             .min_connections(1)
             .connect_with(options.read_only(true))
             .await
             .map_err(from_sqlx)?;
-        let writes = WriteQueue::spawn(MAX_BATCH * 4, |queue| run_writer(writer, queue));
         Ok(SqliteStore { writes, reads })
     }
 }
@@ -82,12 +120,19 @@ impl Store for SqliteStore {
         self.writes.mark_delivered(recipient, ids).await
     }
 
+    // Every read below is one statement, so one snapshot: `index_state`, the indexes and the
+    // tail (`id > indexed_upto`, scanned by rowid) always agree.
+
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
         let rows = sqlx::query(
-            "SELECT m.id, m.sender, m.sender_display_name, m.recipient, m.message, m.timestamp,
-                    m.client_msg_id
-             FROM pending p JOIN messages m ON m.id = p.message_id
-             WHERE p.recipient = ?1 ORDER BY p.message_id",
+            "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
+             FROM messages WHERE id IN (
+                 SELECT message_id FROM pending WHERE recipient = ?1
+                 UNION ALL
+                 SELECT id FROM messages
+                 WHERE id > (SELECT indexed_upto FROM index_state) AND recipient = ?1
+                   AND id NOT IN (SELECT message_id FROM delivered))
+             ORDER BY id",
         )
         .bind(recipient)
         .fetch_all(&self.reads)
@@ -97,20 +142,24 @@ impl Store for SqliteStore {
     }
 
     async fn history(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
-        // Each arm walks its index backwards and stops after `limit` rows, so the cost does not
-        // grow with the user's whole history.
+        // The latest `limit` come from the timeline index (walked backwards, stopping after
+        // `limit` rows) and the tail; the pending ones from `pending` and the tail.
         let rows = sqlx::query(
             "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
              FROM messages WHERE id IN (
                  SELECT id FROM (
-                     SELECT id FROM (SELECT id FROM messages WHERE sender = ?1
-                                     ORDER BY id DESC LIMIT ?2)
+                     SELECT message_id AS id FROM (SELECT message_id FROM timeline WHERE user_id = ?1
+                                                   ORDER BY message_id DESC LIMIT ?2)
                      UNION
-                     SELECT id FROM (SELECT id FROM messages WHERE recipient = ?1
-                                     ORDER BY id DESC LIMIT ?2)
+                     SELECT id FROM messages
+                     WHERE id > (SELECT indexed_upto FROM index_state) AND (sender = ?1 OR recipient = ?1)
                      ORDER BY id DESC LIMIT ?2)
                  UNION
-                 SELECT message_id FROM pending WHERE recipient = ?1)
+                 SELECT message_id FROM pending WHERE recipient = ?1
+                 UNION
+                 SELECT id FROM messages
+                 WHERE id > (SELECT indexed_upto FROM index_state) AND recipient = ?1
+                   AND id NOT IN (SELECT message_id FROM delivered))
              ORDER BY id",
         )
         .bind(user)
@@ -123,9 +172,15 @@ impl Store for SqliteStore {
 
     async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError> {
         let rows = sqlx::query(
-            "SELECT c.partner_id, u.display_name FROM contacts c
-             LEFT JOIN users u ON u.user_id = c.partner_id
-             WHERE c.user_id = ?1",
+            "SELECT p.partner_id, u.display_name FROM (
+                 SELECT partner_id FROM contacts WHERE user_id = ?1
+                 UNION
+                 SELECT recipient FROM messages
+                 WHERE id > (SELECT indexed_upto FROM index_state) AND sender = ?1
+                 UNION
+                 SELECT sender FROM messages
+                 WHERE id > (SELECT indexed_upto FROM index_state) AND recipient = ?1
+             ) p LEFT JOIN users u ON u.user_id = p.partner_id",
         )
         .bind(user)
         .fetch_all(&self.reads)
@@ -177,7 +232,11 @@ impl Store for SqliteStore {
     }
 
     async fn pending_count(&self) -> Result<Option<u64>, StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pending")
+        let count: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM pending)
+                  + (SELECT count(*) FROM messages WHERE id > (SELECT indexed_upto FROM index_state))
+                  - (SELECT count(*) FROM delivered)",
+        )
             .fetch_one(&self.reads)
             .await
             .map_err(from_sqlx)?;
@@ -217,290 +276,349 @@ fn from_sqlx(error: sqlx::Error) -> StoreError {
     }
 }
 
-/// The answer owed to one operation of a batch, sent only once the batch is committed.
-enum Owed {
-    Message(Reply<StoredMessage>),
+/// The writer thread: the only connection that writes. It commits whatever has queued up in one
+/// transaction (group commit), answers each operation once that is committed, and between
+/// batches folds the tail into the indexes.
+struct Writer {
+    conn: rusqlite::Connection,
+    /// Users known to exist (recipients are checked against the users table).
+    known_users: HashSet<String>,
+    /// The id the next message gets: the write lock is ours alone, so ids are assigned here.
+    next_id: i64,
+    /// Messages up to here are in timeline/pending/contacts; the rest are the tail.
+    indexed_upto: i64,
+    last_fold: Instant,
+    policy: IndexPolicy,
+}
+
+/// What one operation of a batch came to, with the reply it is owed.
+enum Outcome {
+    Message(Reply<StoredMessage>, Result<StoredMessage, StoreError>),
     Unit(Reply<()>),
 }
 
-/// What one operation came to, if its statements ran.
-enum Done {
-    Message(Result<StoredMessage, StoreError>),
-    Unit,
-}
-
-async fn run_writer(mut conn: SqliteConnection, mut queue: mpsc::Receiver<WriteOp>) {
-    let mut cache = WriterCache::default();
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    loop {
-        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            break;
+impl Writer {
+    fn open(path: &Path, policy: IndexPolicy) -> rusqlite::Result<Writer> {
+        let conn = rusqlite::Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "wal")?;
+        conn.pragma_update(None, "synchronous", "full")?;
+        conn.pragma_update(None, "temp_store", "memory")?;
+        // Hot pages stay in memory between batches and folds; allocated only when used.
+        conn.pragma_update(None, "cache_size", -65536)?;
+        // Checkpoint less often: a page is copied once per checkpoint, however many commits
+        // touched it.
+        conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let next_id: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM messages", [], |r| r.get(0))?;
+        let indexed_upto: i64 = conn.query_row("SELECT indexed_upto FROM index_state", [], |r| r.get(0))?;
+        let mut writer = Writer {
+            conn,
+            known_users: HashSet::new(),
+            next_id,
+            indexed_upto,
+            last_fold: Instant::now(),
+            policy,
+        };
+        // A tail left by the last run (a crash, or a stop between folds) is folded now.
+        while writer.indexed_upto < writer.next_id - 1 {
+            writer.fold()?;
         }
+        Ok(writer)
+    }
+
+    fn run(mut self, mut queue: mpsc::Receiver<WriteOp>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(op) = queue.blocking_recv() {
+            batch.push(op);
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            let shutdown = self.write(&mut batch);
+            if let Some(done) = shutdown {
+                queue.close();
+                let _ = done.send(());
+                return;
+            }
+            let tail = self.next_id - 1 - self.indexed_upto;
+            let due = tail >= self.policy.rows
+                || (tail > 0 && queue.is_empty() && self.last_fold.elapsed() >= self.policy.interval);
+            if due {
+                if let Err(error) = self.fold() {
+                    // Nothing is lost: the tail stays the tail and the next fold tries again.
+                    tracing::error!(%error, "folding the message tail into the indexes failed");
+                }
+            }
+        }
+    }
+
+    /// Writes one batch and answers every operation in it. Returns the shutdown request, if
+    /// the batch held one (operations queued behind it are refused: their replies drop).
+    fn write(&mut self, batch: &mut Vec<WriteOp>) -> Option<oneshot::Sender<()>> {
         let mut shutdown = None;
         let mut work = Vec::with_capacity(batch.len());
-        let mut replies = Vec::with_capacity(batch.len());
         for op in batch.drain(..) {
             match op {
                 WriteOp::Shutdown(done) => shutdown = Some(done),
-                // Anything queued behind the shutdown is refused (its reply is dropped: Closed).
                 _ if shutdown.is_some() => {}
-                WriteOp::Append(message, reply) => {
-                    work.push(Work::Append(message));
-                    replies.push(Owed::Message(reply));
-                }
-                WriteOp::Delivered { recipient, ids, reply } => {
-                    work.push(Work::Delivered { recipient, ids });
-                    replies.push(Owed::Unit(reply));
-                }
-                WriteOp::UpsertUser(user, reply) => {
-                    work.push(Work::UpsertUser(user));
-                    replies.push(Owed::Unit(reply));
-                }
+                op => work.push(op),
             }
         }
-        match write_batch(&mut conn, &mut cache, work).await {
-            Ok(results) => {
-                for (reply, done) in replies.into_iter().zip(results) {
-                    match (reply, done) {
-                        (Owed::Message(reply), Done::Message(result)) => {
+        if work.is_empty() {
+            return shutdown;
+        }
+        let first_id = self.next_id;
+        match self.write_batch(work) {
+            Ok(outcomes) => {
+                for outcome in outcomes {
+                    match outcome {
+                        Outcome::Message(reply, result) => {
                             let _ = reply.send(result);
                         }
-                        (Owed::Unit(reply), _) => {
+                        Outcome::Unit(reply) => {
                             let _ = reply.send(Ok(()));
                         }
-                        (Owed::Message(reply), Done::Unit) => {
-                            let _ = reply.send(Err(StoreError::Database("writer mix-up".into())));
-                        }
                     }
                 }
             }
-            Err(error) => {
-                let error = from_sqlx(error);
+            Err((error, replies)) => {
+                let error = from_rusqlite(error);
                 tracing::error!(%error, "a write batch failed; nothing in it was stored");
-                // The cache may name users or pairs whose insert was rolled back.
-                cache = WriterCache::default();
+                // Rolled back: the ids were not used, and the cache may name users whose insert
+                // was undone.
+                self.next_id = first_id;
+                self.known_users.clear();
                 for reply in replies {
                     match reply {
-                        Owed::Message(reply) => {
+                        Outcome::Message(reply, _) => {
                             let _ = reply.send(Err(error.clone()));
                         }
-                        Owed::Unit(reply) => {
+                        Outcome::Unit(reply) => {
                             let _ = reply.send(Err(error.clone()));
                         }
                     }
                 }
             }
         }
-        cache.trim();
-        if let Some(done) = shutdown {
-            queue.close();
-            let _ = conn.close().await;
-            let _ = done.send(());
-            return;
+        if self.known_users.len() > WRITER_CACHE {
+            self.known_users.clear();
         }
+        shutdown
     }
-}
 
-/// One operation of a batch, without its reply.
-enum Work {
-    Append(NewMessage),
-    Delivered { recipient: String, ids: Vec<i64> },
-    UpsertUser(UserRecord),
-}
-
-/// Runs every operation in one transaction. Per-operation refusals (an unknown recipient) do
-/// not spoil the batch; a database failure fails every operation in it, and none is committed.
-///
-/// The statements per batch stay few whatever its size: sqlx runs each statement on the
-/// connection's own thread, and that hand-off (not SQLite) dominated the cost per message
-/// when every message took three statements. So the batch's messages go in with multi-row
-/// INSERTs, with ids given explicitly (the write lock is held from BEGIN IMMEDIATE, so
-/// `MAX(id) + 1..` are ours, exactly what SQLite would have chosen), their `pending` rows with
-/// one INSERT ... SELECT over that id range, and delivery confirmations with one DELETE per
-/// chunk. Row-value statements come in a few fixed sizes so that prepared statements are reused.
-async fn write_batch(
-    conn: &mut SqliteConnection,
-    cache: &mut WriterCache,
-    work: Vec<Work>,
-) -> Result<Vec<Done>, sqlx::Error> {
-    if work.is_empty() {
-        return Ok(Vec::new());
-    }
-    let timestamp = now_iso8601();
-    let mut results = Vec::with_capacity(work.len());
-    // Messages to insert, with the index of their result.
-    let mut accepted: Vec<(usize, NewMessage)> = Vec::new();
-    let mut delivered: Vec<(String, i64)> = Vec::new();
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    for op in work {
-        match op {
-            Work::Append(message) => {
-                if is_known(&mut tx, cache, &message.recipient).await? {
-                    accepted.push((results.len(), message));
-                    // Replaced below, once the message has its id.
-                    results.push(Done::Unit);
-                } else {
-                    results.push(Done::Message(Err(StoreError::UnknownRecipient(message.recipient))));
+    /// Runs every operation in one transaction. Per-operation refusals (an unknown recipient)
+    /// do not spoil the batch; a database failure fails every operation in it, and none is
+    /// committed (the error comes back with every reply owed).
+    ///
+    /// A message is one insert at the end of `messages` (its rowid): no index is touched here.
+    #[allow(clippy::type_complexity)]
+    fn write_batch(&mut self, work: Vec<WriteOp>) -> Result<Vec<Outcome>, (rusqlite::Error, Vec<Outcome>)> {
+        let mut outcomes = Vec::with_capacity(work.len());
+        let timestamp = now_iso8601();
+        let tx = match rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
+        };
+        let mut failure = None;
+        for op in work {
+            // Once a statement failed, the rest only collect their replies (they fail too).
+            if failure.is_some() {
+                outcomes.extend(owed(op));
+                continue;
+            }
+            let done = match op {
+                WriteOp::Append(message, reply) => {
+                    match append(&tx, &mut self.known_users, &mut self.next_id, message, &timestamp) {
+                        Ok(result) => Ok(Outcome::Message(reply, result)),
+                        Err(error) => Err((error, Outcome::Message(reply, Err(StoreError::Closed)))),
+                    }
+                }
+                WriteOp::Delivered { recipient, ids, reply } => {
+                    match mark_delivered(&tx, self.indexed_upto, &recipient, &ids) {
+                        Ok(()) => Ok(Outcome::Unit(reply)),
+                        Err(error) => Err((error, Outcome::Unit(reply))),
+                    }
+                }
+                WriteOp::UpsertUser(user, reply) => {
+                    match upsert_user(&tx, &mut self.known_users, user, &timestamp) {
+                        Ok(()) => Ok(Outcome::Unit(reply)),
+                        Err(error) => Err((error, Outcome::Unit(reply))),
+                    }
+                }
+                WriteOp::Shutdown(_) => continue,
+            };
+            match done {
+                Ok(outcome) => outcomes.push(outcome),
+                Err((error, outcome)) => {
+                    outcomes.push(outcome);
+                    failure = Some(error);
                 }
             }
-            Work::Delivered { recipient, ids } => {
-                delivered.extend(ids.into_iter().map(|id| (recipient.clone(), id)));
-                results.push(Done::Unit);
-            }
-            Work::UpsertUser(user) => {
-                sqlx::query(
-                    "INSERT INTO users (user_id, display_name, email, updated_at)
-                     VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (user_id) DO UPDATE SET
-                         display_name = COALESCE(excluded.display_name, users.display_name),
-                         email = COALESCE(excluded.email, users.email),
-                         updated_at = excluded.updated_at
-                     WHERE (excluded.display_name IS NOT NULL AND users.display_name IS NOT excluded.display_name)
-                        OR (excluded.email IS NOT NULL AND users.email IS NOT excluded.email)",
-                )
-                .bind(&user.user_id)
-                .bind(&user.display_name)
-                .bind(&user.email)
-                .bind(&timestamp)
-                .execute(&mut *tx)
-                .await?;
-                cache.users.insert(user.user_id);
-                results.push(Done::Unit);
-            }
+        }
+        // Dropping an uncommitted transaction rolls it back.
+        match failure {
+            Some(error) => Err((error, outcomes)),
+            None => match tx.commit() {
+                Ok(()) => Ok(outcomes),
+                Err(error) => Err((error, outcomes)),
+            },
         }
     }
-    if !accepted.is_empty() {
-        let first: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetch_one(&mut *tx).await?;
-        insert_messages(&mut tx, &accepted, first, &timestamp).await?;
-        let last = first + accepted.len() as i64 - 1;
-        sqlx::query(
-            "INSERT INTO pending (recipient, message_id)
-             SELECT recipient, id FROM messages WHERE id BETWEEN ?1 AND ?2",
-        )
-        .bind(first)
-        .bind(last)
-        .execute(&mut *tx)
-        .await?;
-        insert_contacts(&mut tx, cache, &accepted).await?;
-        for (offset, (index, message)) in accepted.into_iter().enumerate() {
-            results[index] = Done::Message(Ok(StoredMessage {
-                id: first + offset as i64,
-                sender: message.sender,
-                sender_display_name: message.sender_display_name,
-                recipient: message.recipient,
-                message: message.message,
-                timestamp: timestamp.clone(),
-                msg_id: message.msg_id,
-            }));
+
+    /// Folds the tail into the indexes in one transaction: each index gets the tail's rows in
+    /// key order, so a B-tree page is written once per fold, not once per message. A tail
+    /// message confirmed already (in `delivered`) never becomes a `pending` row.
+    fn fold(&mut self) -> rusqlite::Result<()> {
+        let top = (self.next_id - 1).min(self.indexed_upto + self.policy.chunk);
+        self.last_fold = Instant::now();
+        if top <= self.indexed_upto {
+            return Ok(());
         }
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let range = rusqlite::params![self.indexed_upto, top];
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO timeline (user_id, message_id)
+             SELECT recipient, id FROM messages WHERE id > ?1 AND id <= ?2
+             UNION ALL
+             SELECT sender, id FROM messages WHERE id > ?1 AND id <= ?2 AND sender <> recipient
+             ORDER BY 1, 2",
+        )?
+        .execute(range)?;
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO pending (recipient, message_id)
+             SELECT recipient, id FROM messages
+             WHERE id > ?1 AND id <= ?2 AND id NOT IN (SELECT message_id FROM delivered)
+             ORDER BY 1, 2",
+        )?
+        .execute(range)?;
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO contacts (user_id, partner_id)
+             SELECT sender, recipient FROM messages WHERE id > ?1 AND id <= ?2
+             UNION
+             SELECT recipient, sender FROM messages WHERE id > ?1 AND id <= ?2
+             ORDER BY 1, 2",
+        )?
+        .execute(range)?;
+        tx.prepare_cached("DELETE FROM delivered WHERE message_id <= ?1")?.execute([top])?;
+        tx.prepare_cached("UPDATE index_state SET indexed_upto = ?1")?.execute([top])?;
+        tx.commit()?;
+        tracing::debug!(from = self.indexed_upto + 1, to = top, "folded the message tail into the indexes");
+        self.indexed_upto = top;
+        Ok(())
     }
-    for chunk in chunks(&delivered) {
-        let sql = format!(
-            "DELETE FROM pending WHERE {}",
-            vec!["recipient = ? AND message_id = ?"; chunk.len()].join(" OR ")
-        );
-        let mut query = sqlx::query(&sql);
-        for (recipient, id) in chunk {
-            query = query.bind(recipient).bind(id);
-        }
-        query.execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(results)
 }
 
-/// Is `user` in the users table? Remembered once seen.
-async fn is_known(
-    tx: &mut SqliteConnection,
-    cache: &mut WriterCache,
-    user: &str,
-) -> Result<bool, sqlx::Error> {
-    if cache.users.contains(user) {
-        return Ok(true);
+/// The reply an operation is owed when its batch fails before reaching it.
+fn owed(op: WriteOp) -> Option<Outcome> {
+    match op {
+        WriteOp::Append(_, reply) => Some(Outcome::Message(reply, Err(StoreError::Closed))),
+        WriteOp::Delivered { reply, .. } | WriteOp::UpsertUser(_, reply) => Some(Outcome::Unit(reply)),
+        WriteOp::Shutdown(_) => None,
     }
-    let known = sqlx::query("SELECT 1 FROM users WHERE user_id = ?1")
-        .bind(user)
-        .fetch_optional(&mut *tx)
-        .await?
-        .is_some();
-    if known {
-        cache.users.insert(user.to_string());
-    }
-    Ok(known)
 }
 
-/// Inserts the accepted messages with ids `first`, `first + 1`, ... in their order.
-async fn insert_messages(
-    tx: &mut SqliteConnection,
-    accepted: &[(usize, NewMessage)],
-    first: i64,
+/// Appends one message with the next id, unless its recipient is unknown (a refusal, not a
+/// failure: the batch goes on).
+fn append(
+    tx: &rusqlite::Transaction,
+    known_users: &mut HashSet<String>,
+    next_id: &mut i64,
+    message: NewMessage,
     timestamp: &str,
-) -> Result<(), sqlx::Error> {
-    let mut id = first;
-    for chunk in chunks(accepted) {
-        let sql = format!(
-            "INSERT INTO messages (id, sender, sender_display_name, recipient, message, timestamp, client_msg_id) VALUES {}",
-            vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for (_, message) in chunk {
-            query = query
-                .bind(id)
-                .bind(&message.sender)
-                .bind(&message.sender_display_name)
-                .bind(&message.recipient)
-                .bind(&message.message)
-                .bind(timestamp)
-                .bind(message.msg_id.as_ref().map(|v| v.to_string()));
-            id += 1;
+) -> rusqlite::Result<Result<StoredMessage, StoreError>> {
+    let known = known_users.contains(&message.recipient) || {
+        let found = tx.prepare_cached("SELECT 1 FROM users WHERE user_id = ?1")?.exists([&message.recipient])?;
+        if found {
+            known_users.insert(message.recipient.clone());
         }
-        query.execute(&mut *tx).await?;
+        found
+    };
+    if !known {
+        return Ok(Err(StoreError::UnknownRecipient(message.recipient)));
+    }
+    let id = *next_id;
+    let msg_id = message.msg_id.as_ref().map(|v| v.to_string());
+    tx.prepare_cached(
+        "INSERT INTO messages (id, sender, sender_display_name, recipient, message, timestamp, client_msg_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(rusqlite::params![
+        id,
+        message.sender,
+        message.sender_display_name,
+        message.recipient,
+        message.message,
+        timestamp,
+        msg_id
+    ])?;
+    *next_id += 1;
+    Ok(Ok(StoredMessage {
+        id,
+        sender: message.sender,
+        sender_display_name: message.sender_display_name,
+        recipient: message.recipient,
+        message: message.message,
+        timestamp: timestamp.to_string(),
+        msg_id: message.msg_id,
+    }))
+}
+
+/// `recipient` confirmed `ids`. A confirmation of someone else's message changes nothing.
+fn mark_delivered(
+    tx: &rusqlite::Transaction,
+    indexed_upto: i64,
+    recipient: &str,
+    ids: &[i64],
+) -> rusqlite::Result<()> {
+    for &id in ids {
+        if id > indexed_upto {
+            // Still in the tail: the fold will not make it pending.
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO delivered (message_id)
+                 SELECT id FROM messages WHERE id = ?1 AND recipient = ?2",
+            )?
+            .execute(rusqlite::params![id, recipient])?;
+        } else {
+            tx.prepare_cached("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")?
+                .execute(rusqlite::params![recipient, id])?;
+        }
     }
     Ok(())
 }
 
-/// Records both directions of every conversation pair the writer has not seen yet.
-async fn insert_contacts(
-    tx: &mut SqliteConnection,
-    cache: &mut WriterCache,
-    accepted: &[(usize, NewMessage)],
-) -> Result<(), sqlx::Error> {
-    let mut fresh: Vec<(String, String)> = Vec::new();
-    for (_, message) in accepted {
-        let pair = (message.sender.clone(), message.recipient.clone());
-        if !cache.contacts.contains(&pair) {
-            cache.contacts.insert(pair.clone());
-            fresh.push((pair.1.clone(), pair.0.clone()));
-            fresh.push(pair);
-        }
-    }
-    for chunk in chunks(&fresh) {
-        let sql = format!(
-            "INSERT OR IGNORE INTO contacts (user_id, partner_id) VALUES {}",
-            vec!["(?, ?)"; chunk.len()].join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for (user, partner) in chunk {
-            query = query.bind(user).bind(partner);
-        }
-        query.execute(&mut *tx).await?;
-    }
+fn upsert_user(
+    tx: &rusqlite::Transaction,
+    known_users: &mut HashSet<String>,
+    user: UserRecord,
+    timestamp: &str,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO users (user_id, display_name, email, updated_at)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (user_id) DO UPDATE SET
+             display_name = COALESCE(excluded.display_name, users.display_name),
+             email = COALESCE(excluded.email, users.email),
+             updated_at = excluded.updated_at
+         WHERE (excluded.display_name IS NOT NULL AND users.display_name IS NOT excluded.display_name)
+            OR (excluded.email IS NOT NULL AND users.email IS NOT excluded.email)",
+    )?
+    .execute(rusqlite::params![user.user_id, user.display_name, user.email, timestamp])?;
+    known_users.insert(user.user_id);
     Ok(())
 }
 
-/// Splits `items` into chunks of a few fixed sizes (256, 64, 16, 4, 1), largest first: few statements
-/// per batch, and few distinct statement texts to prepare.
-fn chunks<T>(items: &[T]) -> Vec<&[T]> {
-    let mut out = Vec::new();
-    let mut rest = items;
-    while !rest.is_empty() {
-        let size = [256, 64, 16, 4, 1].into_iter().find(|&size| size <= rest.len()).unwrap_or(1);
-        let (chunk, tail) = rest.split_at(size);
-        out.push(chunk);
-        rest = tail;
+/// Busy, locked and I/O errors mean "try again later"; anything else is a real fault.
+fn from_rusqlite(error: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match error.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | CannotOpen) => {
+            StoreError::Unavailable(error.to_string())
+        }
+        _ => StoreError::Database(error.to_string()),
     }
-    out
 }
 
 /// Now, as the protocol writes timestamps: ISO 8601, UTC, milliseconds, `Z`.

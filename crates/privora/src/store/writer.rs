@@ -39,6 +39,18 @@ impl WriteQueue {
         WriteQueue { writes, writer: Mutex::new(Some(writer)) }
     }
 
+    /// Starts `run` (a blocking writer loop) on a thread of its own, on a queue of `capacity`
+    /// operations: for a database library whose calls block (rusqlite).
+    pub fn spawn_thread<F>(name: &str, capacity: usize, run: F) -> std::io::Result<WriteQueue>
+    where
+        F: FnOnce(mpsc::Receiver<WriteOp>) + Send + 'static,
+    {
+        let (writes, queue) = mpsc::channel(capacity);
+        std::thread::Builder::new().name(name.to_string()).spawn(move || run(queue))?;
+        // The thread is not joined: `close` waits for its answer to `Shutdown` instead.
+        Ok(WriteQueue { writes, writer: Mutex::new(None) })
+    }
+
     /// Queues one operation and waits until its batch is committed. `Closed` once shut down.
     pub async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();

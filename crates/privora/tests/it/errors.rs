@@ -139,7 +139,7 @@ async fn a_database_failure_is_internal_and_nothing_pretends_to_be_stored() {
     let (mut alice, _) = server.login("alice").await;
     let (mut bob, _) = server.login("bob").await;
     // Break the schema under the running server, from another connection.
-    server.execute_sql("DROP TABLE pending").await;
+    server.execute_sql("ALTER TABLE messages RENAME TO messages_gone").await;
     alice.message("bob", "doomed").await;
     alice.expect_error("internal").await;
     bob.expect_silence().await;

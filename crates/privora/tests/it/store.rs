@@ -1,7 +1,7 @@
 //! The store's contract, checked directly: what every `Store` implementation must do.
 
 use privora::store::postgres::PostgresStore;
-use privora::store::sqlite::SqliteStore;
+use privora::store::sqlite::{IndexPolicy, SqliteStore};
 use privora::store::{NewMessage, Store, StoreError, UserRecord};
 use privora_protocol::Contact;
 use serde_json::json;
@@ -9,6 +9,15 @@ use serde_json::json;
 async fn sqlite() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("store.db"), 2).await.unwrap();
+    (dir, store)
+}
+
+/// A SQLite store that folds its tail into the indexes once it holds `rows` messages, two
+/// messages per fold (and never on a timer).
+async fn sqlite_folding_every(rows: i64) -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = IndexPolicy { rows, interval: std::time::Duration::from_secs(3600), chunk: 2 };
+    let store = SqliteStore::open_with(&dir.path().join("store.db"), 2, policy).await.unwrap();
     (dir, store)
 }
 
@@ -99,6 +108,48 @@ async fn sqlite_store_conformance() {
 }
 
 #[tokio::test]
+async fn sqlite_store_conformance_when_every_batch_is_folded() {
+    let (_dir, store) = sqlite_folding_every(1).await;
+    conformance(&store).await;
+}
+
+/// Two messages are folded, the third is in the tail: a confirmation lands on each side.
+#[tokio::test]
+async fn sqlite_store_conformance_with_part_of_the_messages_folded() {
+    let (_dir, store) = sqlite_folding_every(2).await;
+    conformance(&store).await;
+}
+
+#[tokio::test]
+async fn a_tail_left_at_a_stop_is_folded_at_the_next_open() {
+    let (dir, store) = sqlite_folding_every(i64::MAX).await;
+    for id in ["a", "b", "c"] {
+        store.upsert_user(user(id, None)).await.unwrap();
+    }
+    let first = store.append(message("a", "b", "one")).await.unwrap();
+    let second = store.append(message("c", "b", "two")).await.unwrap();
+    let third = store.append(message("b", "a", "three")).await.unwrap();
+    store.mark_delivered("b", vec![first.id]).await.unwrap();
+    assert_eq!(store.pending_count().await.unwrap(), Some(2));
+    store.close().await;
+
+    let store = SqliteStore::open(&dir.path().join("store.db"), 2).await.unwrap();
+    assert_eq!(store.pending("b").await.unwrap(), vec![second.clone()]);
+    assert_eq!(store.pending("a").await.unwrap(), vec![third.clone()]);
+    assert_eq!(store.pending_count().await.unwrap(), Some(2));
+    let history: Vec<i64> = store.history("b", 10).await.unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(history, vec![first.id, second.id, third.id]);
+    let partners: Vec<String> = store.contacts("b").await.unwrap().into_iter().map(|c| c.user_id).collect();
+    assert_eq!(partners, vec!["a", "c"]);
+    // New messages after the fold continue the ids, and confirmations of folded ones count.
+    let fourth = store.append(message("a", "b", "four")).await.unwrap();
+    assert!(fourth.id > third.id);
+    store.mark_delivered("b", vec![second.id]).await.unwrap();
+    assert_eq!(store.pending("b").await.unwrap(), vec![fourth]);
+    store.close().await;
+}
+
+#[tokio::test]
 async fn postgres_store_conformance() {
     conformance(&postgres().await).await;
 }
@@ -106,6 +157,12 @@ async fn postgres_store_conformance() {
 #[tokio::test]
 async fn concurrent_appends_are_all_committed_in_batches() {
     let (_dir, store) = sqlite().await;
+    concurrent_appends(std::sync::Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn concurrent_appends_are_all_committed_while_the_tail_is_folded() {
+    let (_dir, store) = sqlite_folding_every(100).await;
     concurrent_appends(std::sync::Arc::new(store)).await;
 }
 
