@@ -28,7 +28,9 @@ pub(super) struct Active {
 }
 
 impl Active {
-    pub(super) async fn serve(mut self, stream: &mut SplitStream<WebSocket>) -> Conn {
+    /// Handles the user's frames until the connection ends. By reference: the caller's future
+    /// already holds the `Active`, and a second copy in this one would cost every connection.
+    pub(super) async fn serve(&mut self, stream: &mut SplitStream<WebSocket>) {
         while let Some(message) = self.conn.next(stream).await {
             // Handling a frame (storing a message, confirming deliveries, answering) takes a
             // future many times the size of waiting for one: boxed, it costs memory only while
@@ -37,7 +39,6 @@ impl Active {
                 break;
             }
         }
-        self.conn
     }
 
     async fn handle(&mut self, message: Result<Message, axum::Error>) -> ControlFlow<()> {

@@ -84,8 +84,8 @@ pub fn run(socket: WebSocket, state: Arc<AppState>) -> impl Future<Output = ()> 
         let _open = open;
         let awaiting = AwaitingLogin { state, conn };
         let active = Box::pin(awaiting.run(&mut stream)).await;
-        if let Some(active) = active {
-            drop(active.serve(&mut stream).await);
+        if let Some(mut active) = active {
+            active.serve(&mut stream).await;
         }
         // Every sender of the queue is gone now (the hub's went with the `Online` guard): the
         // writer finishes what is queued and stops.
