@@ -93,7 +93,11 @@ async fn websocket(
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("ws", %client);
-            sessions.track_future(session::run(socket, state).instrument(span))
+            // A task of its own, not axum's upgrade task: that one's future would carry the
+            // upgrade's state next to the session's for the connection's life (memory per idle
+            // connection, issue 5).
+            sessions.spawn(session::run(socket, state).instrument(span));
+            std::future::ready(())
         }))
 }
 

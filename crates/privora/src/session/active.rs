@@ -1,6 +1,7 @@
 //! A logged-in connection: the user's frames, handled strictly in order. A message is stored
 //! (committed) before it is routed; a pong confirms what was written before its ping.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,29 +28,39 @@ pub(super) struct Active {
 }
 
 impl Active {
-    pub(super) async fn serve(mut self, stream: &mut SplitStream<WebSocket>) -> Conn {
-        let limit = self.state.config.max_frame_bytes;
+    /// Handles the user's frames until the connection ends. By reference: the caller's future
+    /// already holds the `Active`, and a second copy in this one would cost every connection.
+    pub(super) async fn serve(&mut self, stream: &mut SplitStream<WebSocket>) {
         while let Some(message) = self.conn.next(stream).await {
-            let message = match message {
-                Ok(message) => message,
-                Err(error) => {
-                    self.conn.read_failed(error, limit).await;
-                    break;
-                }
-            };
-            match message {
-                Message::Text(text) => {
-                    if let Err(error) = self.handle_text(&text).await {
-                        self.conn.error(&error).await;
-                    }
-                }
-                Message::Binary(_) => self.conn.error(&binary_frame()).await,
-                Message::Pong(payload) => self.confirm(&payload).await,
-                Message::Ping(_) => {}
-                Message::Close(_) => break,
+            // Handling a frame (storing a message, confirming deliveries, answering) takes a
+            // future many times the size of waiting for one: boxed, it costs memory only while
+            // it runs, not for as long as the connection sits idle.
+            if let ControlFlow::Break(()) = Box::pin(self.handle(message)).await {
+                break;
             }
         }
-        self.conn
+    }
+
+    async fn handle(&mut self, message: Result<Message, axum::Error>) -> ControlFlow<()> {
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                self.conn.read_failed(error, self.state.config.max_frame_bytes).await;
+                return ControlFlow::Break(());
+            }
+        };
+        match message {
+            Message::Text(text) => {
+                if let Err(error) = self.handle_text(&text).await {
+                    self.conn.error(&error).await;
+                }
+            }
+            Message::Binary(_) => self.conn.error(&binary_frame()).await,
+            Message::Pong(payload) => self.confirm(&payload).await,
+            Message::Ping(_) => {}
+            Message::Close(_) => return ControlFlow::Break(()),
+        }
+        ControlFlow::Continue(())
     }
 
     async fn handle_text(&mut self, text: &str) -> Result<(), Error> {

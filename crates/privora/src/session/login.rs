@@ -134,7 +134,7 @@ impl AwaitingLogin {
         let contact_ids: Vec<String> = contacts.iter().map(|c| c.user_id.clone()).collect();
         let online_contacts = state.hub.online_among(&contact_ids).await;
         let burst = login_burst(&pending, &history, contacts, |user| online_contacts.contains(user));
-        let _ = self.conn.out.send(Outbound::LoginBurst(burst)).await;
+        let _ = self.conn.out.send(Outbound::LoginBurst(Box::new(burst))).await;
         tracing::info!(conn = self.conn.id, user = %user_id, pending = pending.len(), "logged in");
         Ok((user_id, display_name, online))
     }

@@ -23,14 +23,15 @@ mod writer;
 
 use login::AwaitingLogin;
 use tracker::Tracker;
-use writer::write_loop;
+use writer::Writer;
 
 pub(crate) use presence::announce;
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use privora_protocol::{LiveMessage, ServerFrame};
@@ -59,8 +60,15 @@ pub(super) const WRITE_BATCH: usize = 256;
 pub(super) const REMEMBERED_IDS: usize = 4096;
 
 /// Runs one connection to its end.
-pub async fn run(socket: WebSocket, state: Arc<AppState>) {
-    let _open = metrics::connection();
+///
+/// Memory per idle connection is what limits a node (issue 5), and most of it is the two tasks'
+/// futures: so this is a plain function that splits the socket and starts the writer before the
+/// reader's future exists (an `async fn` would keep the whole `WebSocket` argument in its state
+/// for the connection's life), and the reader boxes what it needs only briefly: the login, each
+/// frame's handling, and the final wait for the writer. What stays is the state of waiting for
+/// the next frame.
+pub fn run(socket: WebSocket, state: Arc<AppState>) -> impl Future<Output = ()> + Send + 'static {
+    let open = metrics::connection();
     let (sink, mut stream) = socket.split();
     let (out, queue) = mpsc::channel(state.config.outbound_queue);
     let conn = Conn {
@@ -70,24 +78,19 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>) {
         cut_off: CancellationToken::new(),
         ended: CancellationToken::new(),
     };
-    let writer = tokio::spawn(write_loop(
-        sink,
-        queue,
-        conn.tracker.clone(),
-        conn.cut_off.clone(),
-        conn.ended.clone(),
-        state.shutdown.clone(),
-        state.config.ping_interval,
-        state.config.outbound_queue,
-    ));
-    let awaiting = AwaitingLogin { state: state.clone(), conn };
-    if let Some(active) = awaiting.run(&mut stream).await {
-        let conn = active.serve(&mut stream).await;
-        drop(conn);
+    let writer = Writer::new(sink, &conn, &state);
+    let writer = tokio::spawn(writer.run(queue));
+    async move {
+        let _open = open;
+        let awaiting = AwaitingLogin { state, conn };
+        let active = Box::pin(awaiting.run(&mut stream)).await;
+        if let Some(mut active) = active {
+            active.serve(&mut stream).await;
+        }
+        // Every sender of the queue is gone now (the hub's went with the `Online` guard): the
+        // writer finishes what is queued and stops.
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(10), writer)).await;
     }
-    // Every sender of the queue is gone now (the hub's went with the `Online` guard): the
-    // writer finishes what is queued and stops.
-    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
 }
 
 /// What the reader holds of its connection.
@@ -105,7 +108,7 @@ impl Conn {
     /// Queues one of our own frames. Waits if the client is not reading: back-pressure on this
     /// connection alone.
     async fn reply(&self, frame: &ServerFrame) {
-        let _ = self.out.send(Outbound::Own(OutFrame::plain(frame.encode()))).await;
+        let _ = self.out.send(Outbound::Own(Box::new(OutFrame::plain(frame.encode())))).await;
     }
 
     async fn error(&self, error: &Error) {
@@ -115,7 +118,8 @@ impl Conn {
     }
 
     async fn close(&self, code: u16, reason: &str) {
-        let _ = self.out.send(Outbound::Close { code, reason: reason.to_string() }).await;
+        let frame = CloseFrame { code, reason: reason.into() };
+        let _ = self.out.send(Outbound::Close(Box::new(frame))).await;
     }
 
     fn heard(&self) {

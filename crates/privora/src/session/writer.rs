@@ -10,13 +10,15 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::tracker::Tracker;
-use super::{lock, CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN, REMEMBERED_IDS, WRITE_BATCH};
+use super::{lock, Conn, CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN, REMEMBERED_IDS, WRITE_BATCH};
 use crate::error::Error;
 use crate::hub::{OutFrame, Outbound};
 use crate::metrics;
+use crate::server::AppState;
 
 /// Where the writer is: before the login burst it holds routed frames back.
 pub(super) enum Phase {
@@ -36,6 +38,14 @@ pub(super) enum Flow {
     Stop,
 }
 
+/// What woke the idle writer up.
+enum Wake {
+    Shutdown,
+    CutOff,
+    Heartbeat,
+    Item(Outbound),
+}
+
 /// The writer task's state: it owns the sending half of the socket.
 pub(super) struct Writer {
     sink: SplitSink<WebSocket, Message>,
@@ -43,6 +53,11 @@ pub(super) struct Writer {
     phase: Phase,
     max_held: usize,
     cut_off: CancellationToken,
+    /// Cancelled by the writer when it stops: the reader stops too.
+    ended: CancellationToken,
+    shutdown: CancellationToken,
+    ping_interval: Duration,
+    heartbeat: Interval,
 }
 
 fn close_frame(code: u16, reason: &str) -> Message {
@@ -50,6 +65,91 @@ fn close_frame(code: u16, reason: &str) -> Message {
 }
 
 impl Writer {
+    pub(super) fn new(sink: SplitSink<WebSocket, Message>, conn: &Conn, state: &AppState) -> Writer {
+        let ping_interval = state.config.ping_interval;
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Writer {
+            sink,
+            tracker: conn.tracker.clone(),
+            phase: Phase::BeforeLogin { held: Vec::new() },
+            max_held: state.config.outbound_queue,
+            cut_off: conn.cut_off.clone(),
+            ended: conn.ended.clone(),
+            shutdown: state.shutdown.clone(),
+            ping_interval,
+            heartbeat,
+        }
+    }
+
+    /// The writer task: writes queued frames, pings on a heartbeat, and stops on shutdown, on a
+    /// cut-off, when the peer stops answering, or when every sender of the queue is gone.
+    pub(super) async fn run(mut self, mut queue: mpsc::Receiver<Outbound>) {
+        if let Err(error) = self.serve(&mut queue).await {
+            tracing::debug!(%error, "write failed; connection over");
+        }
+        self.ended.cancel();
+    }
+
+    async fn serve(&mut self, queue: &mut mpsc::Receiver<Outbound>) -> Result<(), axum::Error> {
+        loop {
+            let wake = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => Wake::Shutdown,
+                _ = self.cut_off.cancelled() => Wake::CutOff,
+                _ = self.heartbeat.tick() => Wake::Heartbeat,
+                item = queue.recv() => match item {
+                    Some(item) => {
+                        metrics::outbound_queue(queue.len());
+                        Wake::Item(item)
+                    }
+                    None => return Ok(()),
+                },
+            };
+            // Writing takes a future many times the size of waiting: boxed, it costs memory
+            // only while it runs, not for as long as the connection sits idle.
+            if let Flow::Stop = Box::pin(self.wake(wake, queue)).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn wake(&mut self, wake: Wake, queue: &mut mpsc::Receiver<Outbound>) -> Result<Flow, axum::Error> {
+        match wake {
+            Wake::Shutdown => {
+                self.sink.send(close_frame(CLOSE_GOING_AWAY, "server shutting down")).await?;
+                Ok(Flow::Stop)
+            }
+            Wake::CutOff => {
+                self.sink.feed(Message::Text(Error::SlowConsumer.frame().encode().into())).await?;
+                self.sink.send(close_frame(CLOSE_TRY_AGAIN, "slow consumer")).await?;
+                Ok(Flow::Stop)
+            }
+            Wake::Heartbeat => {
+                let silent = lock(&self.tracker).last_heard.elapsed();
+                if silent > self.ping_interval * 2 {
+                    tracing::info!(silent_ms = silent.as_millis() as u64, "peer stopped answering pings");
+                    self.sink.send(close_frame(CLOSE_TRY_AGAIN, "no answer to pings")).await?;
+                    return Ok(Flow::Stop);
+                }
+                let seq = lock(&self.tracker).ping();
+                self.ping(seq).await?;
+                Ok(Flow::Continue)
+            }
+            // A write can block on a peer that does not read; a cut-off or a shutdown must
+            // still end the connection then (the unread messages stay pending).
+            Wake::Item(first) => {
+                let (cut_off, shutdown) = (self.cut_off.clone(), self.shutdown.clone());
+                tokio::select! {
+                    biased;
+                    _ = cut_off.cancelled() => Ok(Flow::Stop),
+                    _ = shutdown.cancelled() => Ok(Flow::Stop),
+                    flow = self.drain(first, queue) => flow,
+                }
+            }
+        }
+    }
+
     /// Writes `first` and whatever else is queued (up to a batch), flushes, then sends a
     /// delivery ping if message frames were written and no such ping is in flight.
     async fn drain(
@@ -81,19 +181,19 @@ impl Writer {
 
     async fn handle(&mut self, item: Outbound) -> Result<Flow, axum::Error> {
         match item {
-            Outbound::Own(frame) => self.write(frame).await?,
+            Outbound::Own(frame) => self.write(*frame).await?,
             Outbound::Routed(frame) => match &mut self.phase {
                 Phase::BeforeLogin { held } => {
                     if held.len() >= self.max_held {
                         self.cut_off.cancel();
                     }
-                    held.push(frame);
+                    held.push(*frame);
                 }
-                Phase::Active { .. } => self.write_routed(frame).await?,
+                Phase::Active { .. } => self.write_routed(*frame).await?,
             },
             Outbound::LoginBurst(frames) => {
                 let written: HashSet<i64> = frames.iter().filter_map(|f| f.delivers).collect();
-                for frame in frames {
+                for frame in *frames {
                     self.write(frame).await?;
                 }
                 if let Phase::BeforeLogin { held } =
@@ -105,8 +205,8 @@ impl Writer {
                 }
             }
             Outbound::PingNow => {}
-            Outbound::Close { code, reason } => {
-                self.sink.send(close_frame(code, &reason)).await?;
+            Outbound::Close(frame) => {
+                self.sink.send(Message::Close(Some(*frame))).await?;
                 return Ok(Flow::Stop);
             }
         }
@@ -149,78 +249,4 @@ impl Writer {
     async fn ping(&mut self, seq: u64) -> Result<(), axum::Error> {
         self.sink.send(Message::Ping(seq.to_be_bytes().to_vec().into())).await
     }
-}
-
-/// The writer task: writes queued frames, pings on a heartbeat, and stops on shutdown, on a
-/// cut-off, when the peer stops answering, or when every sender of the queue is gone.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn write_loop(
-    sink: SplitSink<WebSocket, Message>,
-    mut queue: mpsc::Receiver<Outbound>,
-    tracker: Arc<Mutex<Tracker>>,
-    cut_off: CancellationToken,
-    ended: CancellationToken,
-    shutdown: CancellationToken,
-    ping_interval: Duration,
-    max_held: usize,
-) {
-    let mut writer = Writer {
-        sink,
-        tracker,
-        phase: Phase::BeforeLogin { held: Vec::new() },
-        max_held,
-        cut_off: cut_off.clone(),
-    };
-    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let result: Result<(), axum::Error> = async {
-        loop {
-            let first = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    writer.sink.send(close_frame(CLOSE_GOING_AWAY, "server shutting down")).await?;
-                    return Ok(());
-                }
-                _ = cut_off.cancelled() => {
-                    writer.sink.feed(Message::Text(Error::SlowConsumer.frame().encode().into())).await?;
-                    writer.sink.send(close_frame(CLOSE_TRY_AGAIN, "slow consumer")).await?;
-                    return Ok(());
-                }
-                _ = heartbeat.tick() => {
-                    let silent = lock(&writer.tracker).last_heard.elapsed();
-                    if silent > ping_interval * 2 {
-                        tracing::info!(silent_ms = silent.as_millis() as u64, "peer stopped answering pings");
-                        writer.sink.send(close_frame(CLOSE_TRY_AGAIN, "no answer to pings")).await?;
-                        return Ok(());
-                    }
-                    let seq = lock(&writer.tracker).ping();
-                    writer.ping(seq).await?;
-                    continue;
-                }
-                item = queue.recv() => match item {
-                    Some(item) => {
-                        metrics::outbound_queue(queue.len());
-                        item
-                    }
-                    None => return Ok(()),
-                },
-            };
-            // A write can block on a peer that does not read; a cut-off or a shutdown must
-            // still end the connection then (the unread messages stay pending).
-            let flow = tokio::select! {
-                biased;
-                _ = cut_off.cancelled() => return Ok(()),
-                _ = shutdown.cancelled() => return Ok(()),
-                flow = writer.drain(first, &mut queue) => flow?,
-            };
-            if let Flow::Stop = flow {
-                return Ok(());
-            }
-        }
-    }
-    .await;
-    if let Err(error) = result {
-        tracing::debug!(%error, "write failed; connection over");
-    }
-    ended.cancel();
 }
