@@ -1,0 +1,75 @@
+//! The store alone under the chat workload of `privora-bench throughput`: `--users` users, each
+//! with one append in flight (as a session has), sending to random peers, and every message
+//! confirmed delivered right after it is stored (as a live recipient's pong does). Prints the
+//! messages per second and the process's CPU time per message (user + system, from
+//! /proc/self/stat), so that store changes can be compared without the WebSocket layer, or
+//! counted exactly under `valgrind --tool=callgrind`.
+//!
+//! cargo run --release -p privora --example store_workload -- [USERS] [MESSAGES]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use privora::store::sqlite::SqliteStore;
+use privora::store::{NewMessage, Store, UserRecord};
+
+/// User plus system CPU time of this process, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<f64>().ok()).sum();
+    ticks / 100.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let users: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1000);
+    let messages: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200_000);
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SqliteStore::open(&dir.path().join("workload.db"), 2).await?);
+    for u in 0..users {
+        let record = UserRecord { user_id: format!("user{u}"), display_name: None, email: None };
+        store.upsert_user(record).await?;
+    }
+    let per_user = messages / users;
+    let (cpu, started) = (cpu_seconds(), Instant::now());
+    let tasks: Vec<_> = (0..users)
+        .map(|u| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut seed = (u as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                for i in 0..per_user {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let to = format!("user{}", seed % users as u64);
+                    let stored = store
+                        .append(NewMessage {
+                            sender: format!("user{u}"),
+                            sender_display_name: format!("User {u}"),
+                            recipient: to.clone(),
+                            message: format!("{i:>56}"),
+                            msg_id: None,
+                        })
+                        .await?;
+                    store.mark_delivered(&to, vec![stored.id]).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let (cpu, secs) = (cpu_seconds() - cpu, started.elapsed().as_secs_f64());
+    let total = (per_user * users) as f64;
+    println!(
+        "{users} users, {total} messages: {:.0} msg/s, {:.1} µs CPU per message",
+        total / secs,
+        cpu * 1e6 / total
+    );
+    store.close().await;
+    Ok(())
+}
