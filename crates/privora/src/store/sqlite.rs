@@ -47,15 +47,20 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqli
 pub struct IndexPolicy {
     /// Fold once the tail holds this many messages.
     pub rows: i64,
-    /// Fold a shorter tail once this long has passed since the last fold and the writer is idle.
+    /// When the writer is idle: fold a tail shorter than `idle_chunk` once this long has passed
+    /// since the last fold.
     pub interval: Duration,
-    /// Most messages one fold takes: appends wait while it runs, so it is kept short.
+    /// Most messages one fold takes once the tail reached `rows`.
     pub chunk: i64,
+    /// Most messages one fold takes when the writer is idle (it folds once the tail holds this
+    /// many): appends arriving meanwhile wait for it, and at a low rate a short wait matters
+    /// more than the fold's cost per message.
+    pub idle_chunk: i64,
 }
 
 impl Default for IndexPolicy {
     fn default() -> IndexPolicy {
-        IndexPolicy { rows: 16_384, interval: Duration::from_secs(1), chunk: 16_384 }
+        IndexPolicy { rows: 16_384, interval: Duration::from_secs(1), chunk: 16_384, idle_chunk: 1024 }
     }
 }
 
@@ -331,7 +336,7 @@ impl Writer {
         };
         // A tail left by the last run (a crash, or a stop between folds) is folded now.
         loop {
-            writer.fold()?;
+            writer.fold(policy.chunk)?;
             if writer.indexed_upto >= writer.next_id - 1 {
                 break;
             }
@@ -356,10 +361,22 @@ impl Writer {
                 return;
             }
             let tail = self.next_id - 1 - self.indexed_upto;
-            let due = tail >= self.policy.rows
-                || (tail > 0 && queue.is_empty() && self.last_fold.elapsed() >= self.policy.interval);
-            if due {
-                if let Err(error) = self.fold() {
+            // Under load the queue is seldom empty and the tail grows to a large, cheap fold;
+            // at a lower rate small folds run whenever the writer has a moment, so that no append
+            // waits long behind one.
+            let idle = queue.is_empty();
+            let limit = if tail >= self.policy.rows {
+                Some(self.policy.chunk)
+            } else if idle
+                && (tail >= self.policy.idle_chunk
+                    || (tail > 0 && self.last_fold.elapsed() >= self.policy.interval))
+            {
+                Some(self.policy.idle_chunk)
+            } else {
+                None
+            };
+            if let Some(limit) = limit {
+                if let Err(error) = self.fold(limit) {
                     // Nothing is lost: the tail stays the tail and the next fold tries again.
                     tracing::error!(%error, "folding the message tail into the indexes failed");
                 }
@@ -485,11 +502,11 @@ impl Writer {
     /// Folds the tail into the indexes in one transaction: each index gets the tail's rows in
     /// key order, so a B-tree page is written once per fold, not once per message. A tail
     /// message confirmed already (in `delivered`) never becomes a `pending` row.
-    fn fold(&mut self) -> rusqlite::Result<()> {
+    fn fold(&mut self, limit: i64) -> rusqlite::Result<()> {
         self.last_fold = Instant::now();
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
         (self.next_id, self.indexed_upto) = progress(&tx)?;
-        let top = (self.next_id - 1).min(self.indexed_upto + self.policy.chunk);
+        let top = (self.next_id - 1).min(self.indexed_upto + limit);
         if top <= self.indexed_upto {
             return Ok(());
         }
