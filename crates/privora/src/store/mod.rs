@@ -22,6 +22,21 @@ pub struct NewMessage {
     pub msg_id: Option<Value>,
 }
 
+impl NewMessage {
+    /// The message as committed with `id` at `timestamp`.
+    pub fn stored(self, id: i64, timestamp: &str) -> StoredMessage {
+        StoredMessage {
+            id,
+            sender: self.sender,
+            sender_display_name: self.sender_display_name,
+            recipient: self.recipient,
+            message: self.message,
+            timestamp: timestamp.to_string(),
+            msg_id: self.msg_id,
+        }
+    }
+}
+
 /// A committed message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredMessage {

@@ -406,13 +406,5 @@ async fn append_one(
         .await?;
         cache.contacts.insert(pair);
     }
-    Ok(Ok(StoredMessage {
-        id,
-        sender: message.sender,
-        sender_display_name: message.sender_display_name,
-        recipient: message.recipient,
-        message: message.message,
-        timestamp: timestamp.to_string(),
-        msg_id: message.msg_id,
-    }))
+    Ok(Ok(message.stored(id, timestamp)))
 }

@@ -601,15 +601,7 @@ fn append(
         msg_id
     ])?;
     *next_id += 1;
-    Ok(Ok(StoredMessage {
-        id,
-        sender: message.sender,
-        sender_display_name: message.sender_display_name,
-        recipient: message.recipient,
-        message: message.message,
-        timestamp: timestamp.to_string(),
-        msg_id: message.msg_id,
-    }))
+    Ok(Ok(message.stored(id, timestamp)))
 }
 
 /// `recipient` confirmed `ids`. A confirmation of someone else's message changes nothing.
