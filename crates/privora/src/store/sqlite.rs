@@ -26,13 +26,11 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, FromRow, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::writer::{Reply, WriteOp, WriteQueue};
+use super::writer::{Reply, WriteOp, WriteQueue, WRITER_CACHE};
 use super::{contacts_by_name, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 1024;
-/// Known users the writer remembers, to skip lookups; forgotten when full.
-const WRITER_CACHE: usize = 100_000;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 

@@ -1,6 +1,7 @@
-//! The plumbing both stores share around their one writer task (group commit): the operations a
-//! writer is asked to do, the queue that carries them with a reply each, and what the writer
-//! remembers between batches. What a batch does in SQL stays in each store.
+//! The plumbing both stores share around their one writer (group commit; a task for PostgreSQL,
+//! a thread for SQLite): the operations a writer is asked to do, the queue that carries them with
+//! a reply each, and what the PostgreSQL writer remembers between batches. What a batch does in
+//! SQL stays in each store.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -96,7 +97,7 @@ impl WriteQueue {
 }
 
 /// Known users and contact pairs the writer remembers, to skip lookups; cleared when full.
-const WRITER_CACHE: usize = 100_000;
+pub const WRITER_CACHE: usize = 100_000;
 
 /// What a writer remembers between batches to skip lookups and no-op inserts.
 #[derive(Default)]
