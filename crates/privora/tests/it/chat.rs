@@ -200,7 +200,8 @@ async fn a_burst_from_one_sender_is_stored_and_answered_in_order() {
     let server = TestServer::start_with(&["--rate-limit", "0"]).await;
     let (mut alice, _) = server.login("alice").await;
     let (mut bob, _) = server.login("bob").await;
-    // Sent without waiting: the server reads ahead while earlier messages are being stored.
+    // Sent without waiting for answers: many frames are queued on the socket while earlier
+    // messages are being stored.
     for i in 0..200 {
         if i == 100 {
             alice.message("nobody", "refused in its place").await;
