@@ -54,8 +54,12 @@ pub enum Outbound {
     Routed(Box<OutFrame>),
     /// The frames that follow a successful login, written as one burst before anything routed.
     LoginBurst(Box<Vec<OutFrame>>),
-    /// Send a WebSocket ping now (more deliveries wait for confirmation).
+    /// More deliveries wait for confirmation: send a delivery ping (now, or once the spacing
+    /// between delivery pings has passed).
     PingNow,
+    /// The answer to the client's `ping` frame: written after a delivery ping for everything
+    /// written so far, so that a client's ping round trip also settles its deliveries.
+    Pong,
     /// Send this close frame and stop.
     Close(Box<CloseFrame>),
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::SplitStream;
-use privora_protocol::{ClientFrame, ServerFrame};
+use privora_protocol::ClientFrame;
 
 use super::presence::Online;
 use super::{binary_frame, live_frame, lock, Conn};
@@ -68,7 +68,7 @@ impl Active {
         match ClientFrame::decode(text)? {
             ClientFrame::Message { to, message, msg_id } => self.send(to, message, msg_id).await,
             ClientFrame::Ping => {
-                self.conn.reply(&ServerFrame::Pong).await;
+                let _ = self.conn.out.send(Outbound::Pong).await;
                 Ok(())
             }
             ClientFrame::Login { .. } => Err(Error::BadFrame("already logged in".into())),

@@ -55,6 +55,8 @@ pub(super) const CLOSE_TRY_AGAIN: u16 = 1013;
 pub const HARD_LIMIT_FACTOR: usize = 4;
 /// Frames the writer writes before it flushes and considers a delivery ping.
 pub(super) const WRITE_BATCH: usize = 256;
+/// Least time between two delivery pings of a connection (see `Writer::delivery_ping_due`).
+pub(super) const DELIVERY_PING_SPACING: Duration = Duration::from_millis(100);
 /// Message ids a writer remembers having written (to drop second copies); past this, it
 /// forgets the ones the client has confirmed.
 pub(super) const REMEMBERED_IDS: usize = 4096;

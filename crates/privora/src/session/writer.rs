@@ -3,18 +3,22 @@
 //! delivery and on a heartbeat, and ends the connection on a cut-off, a shutdown or silence.
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
+use privora_protocol::ServerFrame;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::tracker::Tracker;
-use super::{lock, Conn, CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN, REMEMBERED_IDS, WRITE_BATCH};
+use super::{
+    lock, Conn, CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN, DELIVERY_PING_SPACING, REMEMBERED_IDS, WRITE_BATCH,
+};
 use crate::error::Error;
 use crate::hub::{OutFrame, Outbound};
 use crate::metrics;
@@ -43,6 +47,7 @@ enum Wake {
     Shutdown,
     CutOff,
     Heartbeat,
+    DeliveryPing,
     Item(Outbound),
 }
 
@@ -58,6 +63,10 @@ pub(super) struct Writer {
     shutdown: CancellationToken,
     ping_interval: Duration,
     heartbeat: Interval,
+    /// When the last ping that carried deliveries went out.
+    last_delivery_ping: Option<Instant>,
+    /// Armed while deliveries wait for the spacing between delivery pings to pass.
+    delivery_timer: Option<Pin<Box<Sleep>>>,
 }
 
 fn close_frame(code: u16, reason: &str) -> Message {
@@ -79,6 +88,8 @@ impl Writer {
             shutdown: state.shutdown.clone(),
             ping_interval,
             heartbeat,
+            last_delivery_ping: None,
+            delivery_timer: None,
         }
     }
 
@@ -98,6 +109,7 @@ impl Writer {
                 _ = self.shutdown.cancelled() => Wake::Shutdown,
                 _ = self.cut_off.cancelled() => Wake::CutOff,
                 _ = self.heartbeat.tick() => Wake::Heartbeat,
+                _ = armed(&mut self.delivery_timer), if self.delivery_timer.is_some() => Wake::DeliveryPing,
                 item = queue.recv() => match item {
                     Some(item) => {
                         metrics::outbound_queue(queue.len());
@@ -136,6 +148,13 @@ impl Writer {
                 self.ping(seq).await?;
                 Ok(Flow::Continue)
             }
+            Wake::DeliveryPing => {
+                self.delivery_timer = None;
+                if let Some(seq) = self.delivery_ping_due() {
+                    self.ping(seq).await?;
+                }
+                Ok(Flow::Continue)
+            }
             // A write can block on a peer that does not read; a cut-off or a shutdown must
             // still end the connection then (the unread messages stay pending).
             Wake::Item(first) => {
@@ -168,15 +187,37 @@ impl Writer {
         }
         // The delivery ping goes out in the same write as the frames it follows: one syscall
         // per batch, not two.
-        let ping = {
-            let mut tracker = lock(&self.tracker);
-            tracker.wants_delivery_ping().then(|| tracker.ping())
-        };
-        if let Some(seq) = ping {
-            self.sink.feed(Message::Ping(seq.to_be_bytes().to_vec().into())).await?;
+        if let Some(seq) = self.delivery_ping_due() {
+            self.sink.feed(ping_frame(seq)).await?;
         }
         self.sink.flush().await?;
         Ok(Flow::Continue)
+    }
+
+    /// Whether to send a delivery ping now, and its sequence number if so.
+    ///
+    /// One delivery ping at a time, and at most one per `DELIVERY_PING_SPACING`: a connection
+    /// that receives a message now and then has it confirmed at once, while a busy one has its
+    /// messages confirmed in groups, not a ping and a pong (and a store write) per message.
+    /// Deliveries that must wait arm a timer for when the spacing has passed.
+    fn delivery_ping_due(&mut self) -> Option<u64> {
+        let mut tracker = lock(&self.tracker);
+        if !tracker.wants_delivery_ping() {
+            return None;
+        }
+        let now = Instant::now();
+        match self.last_delivery_ping.map(|last| last + DELIVERY_PING_SPACING) {
+            Some(next) if now < next => {
+                if self.delivery_timer.is_none() {
+                    self.delivery_timer = Some(Box::pin(tokio::time::sleep_until(next)));
+                }
+                None
+            }
+            _ => {
+                self.last_delivery_ping = Some(now);
+                Some(tracker.ping())
+            }
+        }
     }
 
     async fn handle(&mut self, item: Outbound) -> Result<Flow, axum::Error> {
@@ -205,6 +246,19 @@ impl Writer {
                 }
             }
             Outbound::PingNow => {}
+            Outbound::Pong => {
+                // Whatever was written before gets its delivery ping first, spacing or not: the
+                // client answers it before it sends anything after reading this pong.
+                let seq = {
+                    let mut tracker = lock(&self.tracker);
+                    (!tracker.unpinged.is_empty()).then(|| tracker.ping())
+                };
+                if let Some(seq) = seq {
+                    self.last_delivery_ping = Some(Instant::now());
+                    self.sink.feed(ping_frame(seq)).await?;
+                }
+                self.write(OutFrame::plain(ServerFrame::Pong.encode())).await?;
+            }
             Outbound::Close(frame) => {
                 self.sink.send(Message::Close(Some(*frame))).await?;
                 return Ok(Flow::Stop);
@@ -247,6 +301,17 @@ impl Writer {
     }
 
     async fn ping(&mut self, seq: u64) -> Result<(), axum::Error> {
-        self.sink.send(Message::Ping(seq.to_be_bytes().to_vec().into())).await
+        self.sink.send(ping_frame(seq)).await
+    }
+}
+
+fn ping_frame(seq: u64) -> Message {
+    Message::Ping(seq.to_be_bytes().to_vec().into())
+}
+
+/// Waits for the timer, if one is armed (the `select!` only polls this when it is).
+async fn armed(timer: &mut Option<Pin<Box<Sleep>>>) {
+    if let Some(timer) = timer {
+        timer.await;
     }
 }

@@ -16,8 +16,13 @@ async fn sqlite() -> (tempfile::TempDir, SqliteStore) {
 /// messages per fold (and never on a timer).
 async fn sqlite_folding_every(rows: i64) -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
-    let policy =
-        IndexPolicy { rows, interval: std::time::Duration::from_secs(3600), chunk: 2, idle_chunk: 2 };
+    let policy = IndexPolicy {
+        rows,
+        chunk: 2,
+        idle_rate: f64::INFINITY,
+        idle_chunk: 2,
+        interval: std::time::Duration::from_secs(3600),
+    };
     let store = SqliteStore::open_with(&dir.path().join("store.db"), 2, policy).await.unwrap();
     (dir, store)
 }
