@@ -150,7 +150,7 @@ impl Writer {
             }
             Wake::DeliveryPing => {
                 self.delivery_timer = None;
-                if let Some(seq) = self.delivery_ping_due() {
+                if let Some(seq) = self.delivery_ping_due(false) {
                     self.ping(seq).await?;
                 }
                 Ok(Flow::Continue)
@@ -187,7 +187,7 @@ impl Writer {
         }
         // The delivery ping goes out in the same write as the frames it follows: one syscall
         // per batch, not two.
-        if let Some(seq) = self.delivery_ping_due() {
+        if let Some(seq) = self.delivery_ping_due(false) {
             self.sink.feed(ping_frame(seq)).await?;
         }
         self.sink.flush().await?;
@@ -199,15 +199,17 @@ impl Writer {
     /// One delivery ping at a time, and at most one per `DELIVERY_PING_SPACING`: a connection
     /// that receives a message now and then has it confirmed at once, while a busy one has its
     /// messages confirmed in groups, not a ping and a pong (and a store write) per message.
-    /// Deliveries that must wait arm a timer for when the spacing has passed.
-    fn delivery_ping_due(&mut self) -> Option<u64> {
+    /// Deliveries that must wait arm a timer for when the spacing has passed. `force` skips both
+    /// rules: a ping for whatever was written goes out, if anything was.
+    fn delivery_ping_due(&mut self, force: bool) -> Option<u64> {
         let mut tracker = lock(&self.tracker);
-        if !tracker.wants_delivery_ping() {
+        let wanted = if force { !tracker.unpinged.is_empty() } else { tracker.wants_delivery_ping() };
+        if !wanted {
             return None;
         }
         let now = Instant::now();
         match self.last_delivery_ping.map(|last| last + DELIVERY_PING_SPACING) {
-            Some(next) if now < next => {
+            Some(next) if now < next && !force => {
                 if self.delivery_timer.is_none() {
                     self.delivery_timer = Some(Box::pin(tokio::time::sleep_until(next)));
                 }
@@ -249,12 +251,7 @@ impl Writer {
             Outbound::Pong => {
                 // Whatever was written before gets its delivery ping first, spacing or not: the
                 // client answers it before it sends anything after reading this pong.
-                let seq = {
-                    let mut tracker = lock(&self.tracker);
-                    (!tracker.unpinged.is_empty()).then(|| tracker.ping())
-                };
-                if let Some(seq) = seq {
-                    self.last_delivery_ping = Some(Instant::now());
+                if let Some(seq) = self.delivery_ping_due(true) {
                     self.sink.feed(ping_frame(seq)).await?;
                 }
                 self.write(OutFrame::plain(ServerFrame::Pong.encode())).await?;
