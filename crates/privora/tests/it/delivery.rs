@@ -124,6 +124,39 @@ async fn live_messages_are_confirmed_by_the_pong() {
     assert_eq!(burst.history.len(), 20);
 }
 
+/// A busy connection gets at most one delivery ping per 100 ms, and the ping that waited for
+/// its turn still goes out: everything ends up confirmed without any `ping` frame.
+#[tokio::test]
+async fn delivery_pings_are_spaced_and_the_last_one_still_comes() {
+    let server = TestServer::start_with(&["--rate-limit", "0"]).await;
+    let (mut alice, _) = server.login("alice").await;
+    let (mut bob, _) = server.login("bob").await;
+    for i in 0..200 {
+        alice.message("bob", &format!("burst {i}")).await;
+    }
+    let started = std::time::Instant::now();
+    let (mut messages, mut pings) = (0, 0);
+    // Bob reads (and so answers pings) until everything came and a quiet 500 ms has passed:
+    // long enough for a ping held back by the spacing to go out and be answered.
+    while let Ok(Some(Ok(frame))) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), bob.ws.next()).await
+    {
+        match frame {
+            Message::Text(_) => messages += 1,
+            Message::Ping(_) => pings += 1,
+            _ => {}
+        }
+    }
+    let elapsed_ms = started.elapsed().as_millis();
+    assert_eq!(messages, 200);
+    // One per 100 ms, plus the first, plus a heartbeat ping or two.
+    let most = elapsed_ms / 100 + 3;
+    assert!(pings <= most, "{pings} delivery pings in {elapsed_ms} ms (at most {most})");
+    bob.close().await;
+    let (_, burst) = server.login("bob").await;
+    assert!(burst.offline.is_empty(), "{} messages were never confirmed", burst.offline.len());
+}
+
 #[tokio::test]
 async fn a_slow_consumer_is_cut_off_and_loses_nothing() {
     let server = TestServer::start_with(&["--outbound-queue", "16", "--rate-limit", "0"]).await;
