@@ -56,6 +56,11 @@ pub struct Settings {
     #[arg(long, global = true, env = "PRIVORA_PING_INTERVAL", default_value_t = 25)]
     pub ping_interval: u64,
 
+    /// Least milliseconds between two delivery pings on one connection: how long a busy
+    /// connection's messages may wait to be confirmed delivered (they stay pending until then).
+    #[arg(long, global = true, env = "PRIVORA_DELIVERY_PING_MS", default_value_t = 100)]
+    pub delivery_ping_ms: u64,
+
     /// Seconds a new connection has to send `login`.
     #[arg(long, global = true, env = "PRIVORA_LOGIN_TIMEOUT", default_value_t = 10)]
     pub login_timeout: u64,
@@ -244,6 +249,8 @@ pub struct Config {
     pub max_message_chars: usize,
     pub max_recipient_chars: usize,
     pub ping_interval: Duration,
+    /// Least time between two delivery pings of a connection (`Writer::delivery_ping_due`).
+    pub delivery_ping_spacing: Duration,
     pub login_timeout: Duration,
     pub rate_limit: Option<RateLimit>,
     pub outbound_queue: usize,
@@ -356,6 +363,12 @@ impl Settings {
             self.ping_interval.to_string(),
         )?;
         range(
+            "PRIVORA_DELIVERY_PING_MS",
+            "between 1 and 10000 milliseconds",
+            (1..=10_000).contains(&self.delivery_ping_ms),
+            self.delivery_ping_ms.to_string(),
+        )?;
+        range(
             "PRIVORA_LOGIN_TIMEOUT",
             "between 1 and 300 seconds",
             (1..=300).contains(&self.login_timeout),
@@ -398,6 +411,7 @@ impl Settings {
             max_message_chars: self.max_message_chars,
             max_recipient_chars: 320,
             ping_interval: Duration::from_secs(self.ping_interval),
+            delivery_ping_spacing: Duration::from_millis(self.delivery_ping_ms),
             login_timeout: Duration::from_secs(self.login_timeout),
             rate_limit,
             outbound_queue: self.outbound_queue,

@@ -21,7 +21,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use privora_protocol::{Contact, ErrorCode};
 
 use crate::server::AppState;
-use crate::store::{NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use crate::store::{Commit, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 const CONNECTIONS: &str = "privora_connections";
 const CONNECTIONS_TOTAL: &str = "privora_connections_total";
@@ -233,8 +233,13 @@ async fn timed<T>(
 ) -> Result<T, StoreError> {
     let started = Instant::now();
     let result = work.await;
-    let seconds = started.elapsed().as_secs_f64();
-    match (op, result.is_ok(), hot()) {
+    store_op(op, started.elapsed().as_secs_f64(), result.is_ok());
+    result
+}
+
+/// One store operation took `seconds` (for a queued write: from queueing to commit).
+pub fn store_op(op: &'static str, seconds: f64, ok: bool) {
+    match (op, ok, hot()) {
         ("append", true, Some(hot)) => hot.append_ok.record(seconds),
         ("mark_delivered", true, Some(hot)) => hot.delivered_ok.record(seconds),
         (_, ok, _) => {
@@ -242,16 +247,15 @@ async fn timed<T>(
             histogram!(STORE_LATENCY, "op" => op, "result" => outcome).record(seconds);
         }
     }
-    result
 }
 
 #[async_trait]
 impl Store for MeteredStore {
-    async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
-        timed("append", self.0.append(message)).await
+    async fn queue_append(&self, message: NewMessage) -> Result<Commit<StoredMessage>, StoreError> {
+        Ok(self.0.queue_append(message).await?.timed("append"))
     }
-    async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
-        timed("mark_delivered", self.0.mark_delivered(recipient, ids)).await
+    async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError> {
+        Ok(self.0.queue_delivered(recipient, ids).await?.timed("mark_delivered"))
     }
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
         timed("pending", self.0.pending(recipient)).await

@@ -1,8 +1,19 @@
 //! A logged-in connection: the user's frames, handled strictly in order. A message is stored
 //! (committed) before it is routed; a pong confirms what was written before its ping.
+//!
+//! The reader does not wait for one message's commit before reading the next frame: it queues
+//! the message with the store and notes what the frame still owes (a `Step`). Steps are settled
+//! strictly in the order their frames came, so the client sees exactly what it would if every
+//! frame were handled to the end before the next (a refusal still comes before the `pong` of a
+//! `ping` sent after it), while a client with eight messages in flight shares one commit, one
+//! read and one wake-up among them instead of paying each eight times.
 
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
 use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket};
@@ -15,7 +26,12 @@ use crate::error::Error;
 use crate::hub::Outbound;
 use crate::metrics;
 use crate::server::AppState;
-use crate::store::NewMessage;
+use crate::store::{Commit, NewMessage, StoreError, StoredMessage};
+
+/// Frames whose steps may wait unsettled before the reader stops reading: the client's
+/// pipeline depth that still gains from sharing commits, and a bound on what one connection
+/// holds in the store's queue.
+const MAX_STEPS: usize = 64;
 
 /// A logged-in connection.
 pub(super) struct Active {
@@ -27,61 +43,141 @@ pub(super) struct Active {
     pub(super) _online: Online,
 }
 
+/// What a frame still owes, settled in the order the frames came.
+enum Step {
+    /// A message queued with the store: routed once committed, or refused with an error frame.
+    Store(Commit<StoredMessage>),
+    /// Deliveries the client confirmed, queued with the store; a failure is only logged.
+    Confirm(Commit<()>),
+    /// A frame for the client (an error, a `pong`), queued once everything before it is.
+    Send(Outbound),
+}
+
+/// A step, settled.
+enum Settled {
+    Stored(Result<StoredMessage, StoreError>),
+    Confirmed(Result<(), StoreError>),
+    Send(Outbound),
+}
+
+/// What the reader does next.
+enum Next {
+    Settle(Settled),
+    Frame(Option<Result<Message, axum::Error>>),
+}
+
 impl Active {
     /// Handles the user's frames until the connection ends. By reference: the caller's future
     /// already holds the `Active`, and a second copy in this one would cost every connection.
     pub(super) async fn serve(&mut self, stream: &mut SplitStream<WebSocket>) {
-        while let Some(message) = self.conn.next(stream).await {
-            // Handling a frame (storing a message, confirming deliveries, answering) takes a
+        // Empty (no allocation) while the connection is idle.
+        let mut steps = VecDeque::new();
+        loop {
+            let room = steps.len() < MAX_STEPS;
+            // The oldest step first: what is owed goes out before more is read.
+            let next = tokio::select! {
+                biased;
+                settled = settle_front(&mut steps) => Next::Settle(settled),
+                message = self.conn.next(stream), if room => Next::Frame(message),
+            };
+            // Handling a frame (queueing a message, confirming deliveries, answering) takes a
             // future many times the size of waiting for one: boxed, it costs memory only while
             // it runs, not for as long as the connection sits idle.
-            if let ControlFlow::Break(()) = Box::pin(self.handle(message)).await {
+            let flow = match next {
+                Next::Settle(settled) => {
+                    Box::pin(self.settled(settled)).await;
+                    ControlFlow::Continue(())
+                }
+                Next::Frame(None) => ControlFlow::Break(()),
+                Next::Frame(Some(message)) => Box::pin(self.handle(message, &mut steps)).await,
+            };
+            if let ControlFlow::Break(()) = flow {
                 break;
+            }
+        }
+        // The connection is over, but what it queued is committed all the same: route it.
+        Box::pin(self.settle_all(&mut steps)).await;
+    }
+
+    /// Settles every step, oldest first.
+    async fn settle_all(&mut self, steps: &mut VecDeque<Step>) {
+        while !steps.is_empty() {
+            let settled = settle_front(steps).await;
+            self.settled(settled).await;
+        }
+    }
+
+    /// Acts on a settled step: routes a committed message, answers a refusal, queues a frame.
+    async fn settled(&mut self, settled: Settled) {
+        match settled {
+            Settled::Stored(Ok(stored)) => {
+                metrics::message_in();
+                self.state.hub.send(&stored.recipient, &live_frame(&stored));
+            }
+            Settled::Stored(Err(error)) => self.conn.error(&Error::from(error)).await,
+            Settled::Confirmed(Ok(())) => {}
+            Settled::Confirmed(Err(error)) => {
+                // Not fatal: the messages stay pending and come again at the next login.
+                tracing::warn!(conn = self.conn.id, %error, "could not mark messages delivered");
+            }
+            Settled::Send(outbound) => {
+                let _ = self.conn.out.send(outbound).await;
             }
         }
     }
 
-    async fn handle(&mut self, message: Result<Message, axum::Error>) -> ControlFlow<()> {
+    async fn handle(
+        &mut self,
+        message: Result<Message, axum::Error>,
+        steps: &mut VecDeque<Step>,
+    ) -> ControlFlow<()> {
         let message = match message {
             Ok(message) => message,
             Err(error) => {
+                // What earlier frames owe goes out before the answer to this one.
+                self.settle_all(steps).await;
                 self.conn.read_failed(error, self.state.config.max_frame_bytes).await;
                 return ControlFlow::Break(());
             }
         };
         match message {
             Message::Text(text) => {
-                if let Err(error) = self.handle_text(&text).await {
-                    self.conn.error(&error).await;
+                if let Err(error) = self.handle_text(&text, steps).await {
+                    steps.push_back(Step::Send(self.conn.error_frame(&error)));
                 }
             }
-            Message::Binary(_) => self.conn.error(&binary_frame()).await,
-            Message::Pong(payload) => self.confirm(&payload).await,
+            Message::Binary(_) => steps.push_back(Step::Send(self.conn.error_frame(&binary_frame()))),
+            Message::Pong(payload) => self.confirm(&payload, steps).await,
             Message::Ping(_) => {}
             Message::Close(_) => return ControlFlow::Break(()),
         }
         ControlFlow::Continue(())
     }
 
-    async fn handle_text(&mut self, text: &str) -> Result<(), Error> {
+    async fn handle_text(&mut self, text: &str, steps: &mut VecDeque<Step>) -> Result<(), Error> {
         self.conn.check_size(text, self.state.config.max_frame_bytes)?;
         match ClientFrame::decode(text)? {
-            ClientFrame::Message { to, message, msg_id } => self.send(to, message, msg_id).await,
+            ClientFrame::Message { to, message, msg_id } => {
+                let commit = self.send(to, message, msg_id).await?;
+                steps.push_back(Step::Store(commit));
+                Ok(())
+            }
             ClientFrame::Ping => {
-                let _ = self.conn.out.send(Outbound::Pong).await;
+                steps.push_back(Step::Send(Outbound::Pong));
                 Ok(())
             }
             ClientFrame::Login { .. } => Err(Error::BadFrame("already logged in".into())),
         }
     }
 
-    /// Stores a message (committed before anyone hears of it), then routes it live.
+    /// Checks a message and queues it with the store; it is routed once committed (nobody hears
+    /// of it before).
     async fn send(
         &mut self,
         to: String,
         message: String,
         msg_id: Option<serde_json::Value>,
-    ) -> Result<(), Error> {
+    ) -> Result<Commit<StoredMessage>, Error> {
         let config = &self.state.config;
         if to.is_empty() {
             return Err(Error::BadFrame("field \"to\" is empty".into()));
@@ -106,10 +202,10 @@ impl Active {
                 return Err(Error::RateLimited(limiter.per_second));
             }
         }
-        let stored = self
+        let commit = self
             .state
             .store
-            .append(NewMessage {
+            .queue_append(NewMessage {
                 sender: self.user_id.clone(),
                 sender_display_name: self.display_name.clone(),
                 recipient: to,
@@ -117,25 +213,46 @@ impl Active {
                 msg_id,
             })
             .await?;
-        metrics::message_in();
-        self.state.hub.send(&stored.recipient, &live_frame(&stored));
-        Ok(())
+        Ok(commit)
     }
 
     /// A pong came back: everything written before its ping has reached the client.
-    async fn confirm(&self, payload: &[u8]) {
+    async fn confirm(&self, payload: &[u8], steps: &mut VecDeque<Step>) {
         let Ok(seq) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else { return };
         let (delivered, more) = lock(&self.conn.tracker).pong(seq);
         if !delivered.is_empty() {
-            if let Err(error) = self.state.store.mark_delivered(&self.user_id, delivered).await {
+            match self.state.store.queue_delivered(&self.user_id, delivered).await {
+                Ok(commit) => steps.push_back(Step::Confirm(commit)),
                 // Not fatal: the messages stay pending and come again at the next login.
-                tracing::warn!(conn = self.conn.id, %error, "could not mark messages delivered");
+                Err(error) => {
+                    tracing::warn!(conn = self.conn.id, %error, "could not mark messages delivered")
+                }
             }
         }
         if more {
             let _ = self.conn.out.try_send(Outbound::PingNow);
         }
     }
+}
+
+/// Waits for the oldest step to settle and takes it off the queue; never resolves while the
+/// queue is empty. Steps behind the oldest are not polled: the store commits in queue order,
+/// so they are never ready before it.
+async fn settle_front(steps: &mut VecDeque<Step>) -> Settled {
+    poll_fn(|cx| {
+        let settled = match steps.front_mut() {
+            None => return Poll::Pending,
+            Some(Step::Store(commit)) => Settled::Stored(std::task::ready!(Pin::new(commit).poll(cx))),
+            Some(Step::Confirm(commit)) => Settled::Confirmed(std::task::ready!(Pin::new(commit).poll(cx))),
+            Some(Step::Send(_)) => match steps.pop_front() {
+                Some(Step::Send(outbound)) => return Poll::Ready(Settled::Send(outbound)),
+                _ => return Poll::Pending,
+            },
+        };
+        steps.pop_front();
+        Poll::Ready(settled)
+    })
+    .await
 }
 
 /// Token bucket: `per_second` sustained, `burst` at once.

@@ -55,8 +55,6 @@ pub(super) const CLOSE_TRY_AGAIN: u16 = 1013;
 pub const HARD_LIMIT_FACTOR: usize = 4;
 /// Frames the writer writes before it flushes and considers a delivery ping.
 pub(super) const WRITE_BATCH: usize = 256;
-/// Least time between two delivery pings of a connection (see `Writer::delivery_ping_due`).
-pub(super) const DELIVERY_PING_SPACING: Duration = Duration::from_millis(100);
 /// Message ids a writer remembers having written (to drop second copies); past this, it
 /// forgets the ones the client has confirmed.
 pub(super) const REMEMBERED_IDS: usize = 4096;
@@ -107,16 +105,17 @@ struct Conn {
 }
 
 impl Conn {
-    /// Queues one of our own frames. Waits if the client is not reading: back-pressure on this
+    /// Queues an `error` frame. Waits if the client is not reading: back-pressure on this
     /// connection alone.
-    async fn reply(&self, frame: &ServerFrame) {
-        let _ = self.out.send(Outbound::Own(Box::new(OutFrame::plain(frame.encode())))).await;
+    async fn error(&self, error: &Error) {
+        let _ = self.out.send(self.error_frame(error)).await;
     }
 
-    async fn error(&self, error: &Error) {
+    /// The `error` frame for `error`, counted and logged, to be queued when its turn comes.
+    fn error_frame(&self, error: &Error) -> Outbound {
         tracing::debug!(conn = self.id, code = error.code().as_str(), %error, "error frame");
         metrics::error(error.code(), metrics::Via::WebSocket);
-        self.reply(&error.frame()).await;
+        Outbound::Own(Box::new(OutFrame::plain(error.frame().encode())))
     }
 
     async fn close(&self, code: u16, reason: &str) {

@@ -16,9 +16,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::tracker::Tracker;
-use super::{
-    lock, Conn, CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN, DELIVERY_PING_SPACING, REMEMBERED_IDS, WRITE_BATCH,
-};
+use super::{lock, Conn, CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN, REMEMBERED_IDS, WRITE_BATCH};
 use crate::error::Error;
 use crate::hub::{OutFrame, Outbound};
 use crate::metrics;
@@ -62,6 +60,8 @@ pub(super) struct Writer {
     ended: CancellationToken,
     shutdown: CancellationToken,
     ping_interval: Duration,
+    /// Least time between two delivery pings (`PRIVORA_DELIVERY_PING_MS`).
+    delivery_ping_spacing: Duration,
     heartbeat: Interval,
     /// When the last ping that carried deliveries went out.
     last_delivery_ping: Option<Instant>,
@@ -87,6 +87,7 @@ impl Writer {
             ended: conn.ended.clone(),
             shutdown: state.shutdown.clone(),
             ping_interval,
+            delivery_ping_spacing: state.config.delivery_ping_spacing,
             heartbeat,
             last_delivery_ping: None,
             delivery_timer: None,
@@ -196,7 +197,7 @@ impl Writer {
 
     /// Whether to send a delivery ping now, and its sequence number if so.
     ///
-    /// One delivery ping at a time, and at most one per `DELIVERY_PING_SPACING`: a connection
+    /// One delivery ping at a time, and at most one per `delivery_ping_spacing`: a connection
     /// that receives a message now and then has it confirmed at once, while a busy one has its
     /// messages confirmed in groups, not a ping and a pong (and a store write) per message.
     /// Deliveries that must wait arm a timer for when the spacing has passed. `force` skips both
@@ -208,7 +209,7 @@ impl Writer {
             return None;
         }
         let now = Instant::now();
-        match self.last_delivery_ping.map(|last| last + DELIVERY_PING_SPACING) {
+        match self.last_delivery_ping.map(|last| last + self.delivery_ping_spacing) {
             Some(next) if now < next && !force => {
                 if self.delivery_timer.is_none() {
                     self.delivery_timer = Some(Box::pin(tokio::time::sleep_until(next)));

@@ -2,15 +2,24 @@
 //!
 //! `Store` is the seam between the chat logic and a database; every implementation passes the
 //! same conformance tests (`tests/it/store.rs`). Writes are batched by one writer task per store
-//! (group commit): a caller hears back only after its write is committed.
+//! (group commit): a caller hears back only after its write is committed. A caller may queue
+//! several writes before waiting for the first (`queue_append`): one writer commits them in the
+//! order they were queued, so a session keeps its messages in order without waiting a commit
+//! per message.
 
 pub mod postgres;
 pub mod sqlite;
 pub mod writer;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
 use async_trait::async_trait;
 use privora_protocol::Contact;
 use serde_json::Value;
+use tokio::sync::oneshot;
 
 /// A message as a sender's session hands it to the store.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,14 +107,63 @@ pub enum StoreError {
     Closed,
 }
 
+/// A queued write: resolves once the write is committed (or has failed).
+///
+/// Writes queued one after another are committed in that order, so a caller can queue many and
+/// wait for them in turn.
+pub struct Commit<T> {
+    answer: oneshot::Receiver<Result<T, StoreError>>,
+    /// Set by `MeteredStore`: the operation's name and when it was queued.
+    timed: Option<(&'static str, Instant)>,
+}
+
+impl<T> Commit<T> {
+    pub fn new(answer: oneshot::Receiver<Result<T, StoreError>>) -> Commit<T> {
+        Commit { answer, timed: None }
+    }
+
+    /// Records the time from now until the answer in `privora_store_latency_seconds`.
+    pub fn timed(mut self, op: &'static str) -> Commit<T> {
+        self.timed = Some((op, Instant::now()));
+        self
+    }
+}
+
+impl<T> Future for Commit<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = match Pin::new(&mut self.answer).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            // The writer stopped without answering: shut down.
+            Poll::Ready(answer) => answer.unwrap_or(Err(StoreError::Closed)),
+        };
+        if let Some((op, started)) = self.timed.take() {
+            crate::metrics::store_op(op, started.elapsed().as_secs_f64(), result.is_ok());
+        }
+        Poll::Ready(result)
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Commits a message and marks it pending for its recipient. Fails with `UnknownRecipient`
-    /// when the recipient is not in the users table.
-    async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError>;
+    /// Queues a message to be committed and marked pending for its recipient; waits only for
+    /// room in the writer's queue. The commit fails with `UnknownRecipient` when the recipient
+    /// is not in the users table.
+    async fn queue_append(&self, message: NewMessage) -> Result<Commit<StoredMessage>, StoreError>;
 
-    /// The recipient has these messages: they are no longer pending.
-    async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError>;
+    /// Queues "the recipient has these messages": they are no longer pending.
+    async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError>;
+
+    /// `queue_append`, then waits for the commit.
+    async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
+        self.queue_append(message).await?.await
+    }
+
+    /// `queue_delivered`, then waits for the commit.
+    async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
+        self.queue_delivered(recipient, ids).await?.await
+    }
 
     /// Every message still pending for `recipient`, oldest first.
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError>;

@@ -27,7 +27,7 @@ use sqlx::{ConnectOptions, Connection, FromRow, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::writer::{Reply, WriteOp, WriteQueue, WRITER_CACHE};
-use super::{contacts_by_name, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use super::{contacts_by_name, Commit, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -137,12 +137,12 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
-        self.writes.append(message).await
+    async fn queue_append(&self, message: NewMessage) -> Result<Commit<StoredMessage>, StoreError> {
+        self.writes.queue_append(message).await
     }
 
-    async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
-        self.writes.mark_delivered(recipient, ids).await
+    async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError> {
+        self.writes.queue_delivered(recipient, ids).await
     }
 
     // Every read below is one statement, so one snapshot: `index_state`, the indexes and the

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{NewMessage, StoreError, StoredMessage, UserRecord};
+use super::{Commit, NewMessage, StoreError, StoredMessage, UserRecord};
 
 /// Where a writer sends one operation's answer, once its batch is committed (or failed).
 pub type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -52,31 +52,34 @@ impl WriteQueue {
         Ok(WriteQueue { writes, writer: Mutex::new(None) })
     }
 
-    /// Queues one operation and waits until its batch is committed. `Closed` once shut down.
-    pub async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
+    /// Queues one operation (waiting only for room in the queue); the answer comes once its
+    /// batch is committed. `Closed` once shut down.
+    pub async fn queue<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<Commit<T>, StoreError> {
         let (reply, answer) = oneshot::channel();
         crate::metrics::store_queue(self.writes.max_capacity() - self.writes.capacity());
         self.writes.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        Ok(Commit::new(answer))
     }
 
-    /// `Store::append`, for every store that writes through this queue.
-    pub async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
-        self.write(|reply| WriteOp::Append(message, reply)).await
+    /// `Store::queue_append`, for every store that writes through this queue.
+    pub async fn queue_append(&self, message: NewMessage) -> Result<Commit<StoredMessage>, StoreError> {
+        self.queue(|reply| WriteOp::Append(message, reply)).await
     }
 
-    /// `Store::mark_delivered`, for every store that writes through this queue.
-    pub async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
+    /// `Store::queue_delivered`, for every store that writes through this queue.
+    pub async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError> {
         if ids.is_empty() {
-            return Ok(());
+            let (reply, answer) = oneshot::channel();
+            let _ = reply.send(Ok(()));
+            return Ok(Commit::new(answer));
         }
         let recipient = recipient.to_string();
-        self.write(|reply| WriteOp::Delivered { recipient, ids, reply }).await
+        self.queue(|reply| WriteOp::Delivered { recipient, ids, reply }).await
     }
 
     /// `Store::upsert_user`, for every store that writes through this queue.
     pub async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
-        self.write(|reply| WriteOp::UpsertUser(user, reply)).await
+        self.queue(|reply| WriteOp::UpsertUser(user, reply)).await?.await
     }
 
     pub fn is_closed(&self) -> bool {
