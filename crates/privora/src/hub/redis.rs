@@ -399,7 +399,7 @@ async fn catch_up(state: &AppState) {
     for user in state.hub.local_users() {
         match state.store.pending(&user).await {
             Ok(messages) => {
-                for message in &messages {
+                for message in messages {
                     state.hub.deliver_local(&user, &crate::session::live_frame(message));
                 }
             }

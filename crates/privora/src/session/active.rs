@@ -112,7 +112,8 @@ impl Active {
         match settled {
             Settled::Stored(Ok(stored)) => {
                 metrics::message_in();
-                self.state.hub.send(&stored.recipient, &live_frame(&stored));
+                let recipient = stored.recipient.clone();
+                self.state.hub.send(&recipient, &live_frame(stored));
             }
             Settled::Stored(Err(error)) => self.conn.error(&Error::from(error)).await,
             Settled::Confirmed(Ok(())) => {}

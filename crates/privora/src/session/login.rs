@@ -118,31 +118,37 @@ impl AwaitingLogin {
             .await?;
         // The name the users table has now: the token's, or the directory's when the token
         // carries none. Messages this session sends carry it.
-        let known_name = state.store.display_name(&user_id).await?;
+        // Independent reads run side by side, each on a connection of the read pool.
+        let (known_name, contacts) =
+            tokio::try_join!(state.store.display_name(&user_id), state.store.contacts(&user_id))?;
         let display_name = display_name_or_id(known_name.or(identity.display_name), &user_id);
-        let contacts = state.store.contacts(&user_id).await?;
         let device =
             Device { conn: self.conn.id, queue: self.conn.out.clone(), cut_off: self.conn.cut_off.clone() };
         let first_here = state.hub.register(&user_id, device);
         let online = Online { state: state.clone(), user_id: user_id.clone(), conn: self.conn.id };
         let first = state.hub.join(&user_id, first_here).await;
-        let pending = state.store.pending(&user_id).await?;
-        let history = state.store.history(&user_id, state.config.history_limit).await?;
+        // Both read after the registration above; a message committed between the two reads is
+        // in one or both, and comes live as well (the writer drops a second copy).
+        let (pending, history) = tokio::try_join!(
+            state.store.pending(&user_id),
+            state.store.history(&user_id, state.config.history_limit)
+        )?;
+        let pending_count = pending.len();
         if first {
             announce(state, &user_id, &contacts, PresenceStatus::Online);
         }
         let contact_ids: Vec<String> = contacts.iter().map(|c| c.user_id.clone()).collect();
         let online_contacts = state.hub.online_among(&contact_ids).await;
-        let burst = login_burst(&pending, &history, contacts, |user| online_contacts.contains(user));
+        let burst = login_burst(pending, &history, contacts, |user| online_contacts.contains(user));
         let _ = self.conn.out.send(Outbound::LoginBurst(Box::new(burst))).await;
-        tracing::info!(conn = self.conn.id, user = %user_id, pending = pending.len(), "logged in");
+        tracing::info!(conn = self.conn.id, user = %user_id, pending = pending_count, "logged in");
         Ok((user_id, display_name, online))
     }
 }
 
 /// The frames that follow a login, in the order clients rely on.
 fn login_burst(
-    pending: &[StoredMessage],
+    pending: Vec<StoredMessage>,
     history: &[StoredMessage],
     contacts: Vec<Contact>,
     is_online: impl Fn(&str) -> bool,
@@ -150,12 +156,12 @@ fn login_burst(
     let mut frames = Vec::with_capacity(pending.len() + 3);
     for m in pending {
         let frame = ServerFrame::Offline(OfflineMessage {
-            from: m.sender.clone(),
-            to: m.recipient.clone(),
-            message: m.message.clone(),
-            timestamp: m.timestamp.clone(),
+            from: m.sender,
+            to: m.recipient,
+            message: m.message,
+            timestamp: m.timestamp,
             id: m.id,
-            msg_id: m.msg_id.clone(),
+            msg_id: m.msg_id,
         });
         frames.push(OutFrame { text: frame.encode().into(), delivers: Some(m.id), committed: None });
     }

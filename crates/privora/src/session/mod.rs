@@ -165,23 +165,21 @@ fn binary_frame() -> Error {
     Error::BadFrame("binary frames are not supported: send JSON text frames".into())
 }
 
-/// The `message` frame that delivers a stored message live.
-pub(crate) fn live_frame(stored: &StoredMessage) -> OutFrame {
+/// The `message` frame that delivers a stored message live. Takes the message: its strings move
+/// into the frame instead of being copied (this runs for every message routed).
+pub(crate) fn live_frame(stored: StoredMessage) -> OutFrame {
+    let id = stored.id;
     let frame = ServerFrame::Message(LiveMessage {
-        from: stored.sender.clone(),
-        from_display_name: stored.sender_display_name.clone(),
-        to: stored.recipient.clone(),
-        message: stored.message.clone(),
-        timestamp: stored.timestamp.clone(),
-        id: stored.id,
-        msg_id: stored.msg_id.clone(),
+        from: stored.sender,
+        from_display_name: stored.sender_display_name,
+        to: stored.recipient,
+        message: stored.message,
+        timestamp: stored.timestamp,
+        id,
+        msg_id: stored.msg_id,
     });
     // Delivery latency is measured from here: the message was committed just before.
-    OutFrame {
-        text: frame.encode().into(),
-        delivers: Some(stored.id),
-        committed: Some(std::time::Instant::now()),
-    }
+    OutFrame { text: frame.encode().into(), delivers: Some(id), committed: Some(std::time::Instant::now()) }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
