@@ -356,7 +356,21 @@ impl Writer {
 
     fn run(mut self, mut queue: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Some(op) = queue.blocking_recv() {
+        // When to look at the tail again if nothing arrives; None: nothing to fold, wait on.
+        let mut due: Option<Instant> = None;
+        loop {
+            let first = match due {
+                None => queue.blocking_recv(),
+                Some(at) => match recv_until(&mut queue, at) {
+                    Some(op) => op,
+                    None => {
+                        // The queue stayed empty until the deadline: the writer is idle.
+                        due = self.fold_if_due(true);
+                        continue;
+                    }
+                },
+            };
+            let Some(op) = first else { return };
             batch.push(op);
             while batch.len() < MAX_BATCH {
                 match queue.try_recv() {
@@ -370,25 +384,46 @@ impl Writer {
                 let _ = done.send(());
                 return;
             }
-            let tail = self.next_id - 1 - self.indexed_upto;
-            let since = self.last_fold.elapsed();
-            // Under load the tail grows to a large fold, cheap per message; at a low rate the
-            // writer folds a little whenever it has a moment, so that no append waits long.
-            let idle = queue.is_empty() && (tail as f64) < self.policy.idle_rate * since.as_secs_f64();
-            let limit = if tail >= self.policy.rows {
-                Some(self.policy.chunk)
-            } else if idle && (tail >= self.policy.idle_chunk || (tail > 0 && since >= self.policy.interval))
-            {
-                Some(self.policy.idle_chunk)
-            } else {
-                None
-            };
-            if let Some(limit) = limit {
-                if let Err(error) = self.fold(limit) {
-                    // Nothing is lost: the tail stays the tail and the next fold tries again.
-                    tracing::error!(%error, "folding the message tail into the indexes failed");
-                }
+            due = self.fold_if_due(queue.is_empty() && self.slow_since_fold());
+        }
+    }
+
+    /// Whether fewer than `idle_rate` messages a second came since the last fold.
+    fn slow_since_fold(&self) -> bool {
+        let tail = self.next_id - 1 - self.indexed_upto;
+        (tail as f64) < self.policy.idle_rate * self.last_fold.elapsed().as_secs_f64()
+    }
+
+    /// Folds if a fold is due, and says when to look again if no write comes meanwhile.
+    ///
+    /// Under load the tail grows to a large fold, cheap per message. A writer with time to spare
+    /// (`idle`: its queue empty and the rate low, or nothing came for a while) folds a little at
+    /// a time, so that no append waits long behind a fold, and goes on until the tail is folded
+    /// even when no more writes come: reads scan the unfolded tail, so a tail left after a burst
+    /// would slow every login until the next burst.
+    fn fold_if_due(&mut self, idle: bool) -> Option<Instant> {
+        let tail = self.next_id - 1 - self.indexed_upto;
+        let since = self.last_fold.elapsed();
+        let limit = if tail >= self.policy.rows {
+            Some(self.policy.chunk)
+        } else if idle && (tail >= self.policy.idle_chunk || (tail > 0 && since >= self.policy.interval)) {
+            Some(self.policy.idle_chunk)
+        } else {
+            None
+        };
+        if let Some(limit) = limit {
+            if let Err(error) = self.fold(limit) {
+                // Nothing is lost: the tail stays the tail and the next fold tries again.
+                tracing::error!(%error, "folding the message tail into the indexes failed");
+                return Some(Instant::now() + self.policy.interval);
             }
+        }
+        let tail = self.next_id - 1 - self.indexed_upto;
+        match (tail, limit) {
+            (0, _) => None,
+            // More to fold: go on at once unless a write is waiting.
+            (_, Some(_)) => Some(Instant::now()),
+            (_, None) => Some(Instant::now() + self.policy.interval / 4),
         }
     }
 
@@ -548,6 +583,31 @@ impl Writer {
         tracing::debug!(from = self.indexed_upto + 1, to = top, "folded the message tail into the indexes");
         self.indexed_upto = top;
         Ok(())
+    }
+}
+
+/// The next operation (None once the queue is closed), or None (outer) if none came by
+/// `deadline`. The writer thread is not a runtime thread: it parks itself, and the queue's
+/// waker unparks it.
+fn recv_until(queue: &mut mpsc::Receiver<WriteOp>, deadline: Instant) -> Option<Option<WriteOp>> {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    loop {
+        if let std::task::Poll::Ready(op) = queue.poll_recv(&mut cx) {
+            return Some(op);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        // Spurious wake-ups only loop once more.
+        std::thread::park_timeout(deadline - now);
     }
 }
 

@@ -156,6 +156,43 @@ async fn a_tail_left_at_a_stop_is_folded_at_the_next_open() {
 }
 
 #[tokio::test]
+async fn a_tail_left_after_a_burst_is_folded_once_the_writer_is_idle() {
+    // Never folded by size or by the rate after a write: only a quiet queue can fold it.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = IndexPolicy {
+        rows: i64::MAX,
+        chunk: 2,
+        idle_rate: 0.0,
+        idle_chunk: 2,
+        interval: std::time::Duration::from_millis(200),
+    };
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open_with(&path, 2, policy).await.unwrap();
+    for id in ["a", "b"] {
+        store.upsert_user(user(id, None)).await.unwrap();
+    }
+    let mut last = 0;
+    for i in 0..5 {
+        last = store.append(message("a", "b", &i.to_string())).await.unwrap().id;
+    }
+    // Nothing more is written: the writer folds the tail by itself, two messages at a time.
+    let reader = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", path.display())).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let folded: i64 =
+            sqlx::query_scalar("SELECT indexed_upto FROM index_state").fetch_one(&reader).await.unwrap();
+        if folded == last {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the tail is still unfolded: {folded} of {last}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let pending: Vec<String> = store.pending("b").await.unwrap().into_iter().map(|m| m.message).collect();
+    assert_eq!(pending, ["0", "1", "2", "3", "4"], "and the folded messages are still pending, in order");
+    store.close().await;
+}
+
+#[tokio::test]
 async fn postgres_store_conformance() {
     conformance(&postgres().await).await;
 }
