@@ -54,7 +54,8 @@ pub struct IndexPolicy {
     /// Most messages one fold takes once the tail reached `rows`.
     pub chunk: i64,
     /// Below this rate (messages per second since the last fold), a writer whose queue is empty
-    /// folds `idle_chunk` messages at a time, so that no append waits long behind a fold.
+    /// folds `idle_chunk` messages at a time, so that no append waits long behind a fold. A queue
+    /// that stays empty for a quarter of `interval` counts as idle whatever the rate.
     pub idle_rate: f64,
     /// Most messages a small fold takes; it runs once the tail holds this many, or once
     /// `interval` has passed since the last fold.
