@@ -260,8 +260,8 @@ impl Store for MeteredStore {
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
         timed("pending", self.0.pending(recipient)).await
     }
-    async fn history(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
-        timed("history", self.0.history(user, limit)).await
+    async fn latest(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        timed("latest", self.0.latest(user, limit)).await
     }
     async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError> {
         timed("contacts", self.0.contacts(user)).await

@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::hub::{Device, OutFrame, Outbound};
 use crate::metrics;
 use crate::server::AppState;
-use crate::store::{display_name_or_id, StoredMessage, UserRecord};
+use crate::store::{display_name_or_id, with_pending, StoredMessage, UserRecord};
 
 /// A connection that has not logged in yet.
 pub(super) struct AwaitingLogin {
@@ -129,9 +129,9 @@ impl AwaitingLogin {
         let first = state.hub.join(&user_id, first_here).await;
         // Both read after the registration above; a message committed between the two reads is
         // in one or both, and comes live as well (the writer drops a second copy).
-        let (pending, history) = tokio::try_join!(
+        let (pending, latest) = tokio::try_join!(
             state.store.pending(&user_id),
-            state.store.history(&user_id, state.config.history_limit)
+            state.store.latest(&user_id, state.config.history_limit)
         )?;
         let pending_count = pending.len();
         if first {
@@ -139,20 +139,34 @@ impl AwaitingLogin {
         }
         let contact_ids: Vec<String> = contacts.iter().map(|c| c.user_id.clone()).collect();
         let online_contacts = state.hub.online_among(&contact_ids).await;
-        let burst = login_burst(pending, &history, contacts, |user| online_contacts.contains(user));
+        let burst = login_burst(pending, &latest, contacts, |user| online_contacts.contains(user));
         let _ = self.conn.out.send(Outbound::LoginBurst(Box::new(burst))).await;
         tracing::info!(conn = self.conn.id, user = %user_id, pending = pending_count, "logged in");
         Ok((user_id, display_name, online))
     }
 }
 
-/// The frames that follow a login, in the order clients rely on.
+/// The frames that follow a login, in the order clients rely on. `history` lists the latest
+/// messages and every pending one.
 fn login_burst(
     pending: Vec<StoredMessage>,
-    history: &[StoredMessage],
+    latest: &[StoredMessage],
     contacts: Vec<Contact>,
     is_online: impl Fn(&str) -> bool,
 ) -> Vec<OutFrame> {
+    let messages = with_pending(latest, &pending)
+        .into_iter()
+        .map(|m| HistoryEntry {
+            from: m.sender.clone(),
+            from_display_name: m.sender_display_name.clone(),
+            to: m.recipient.clone(),
+            message: m.message.clone(),
+            timestamp: m.timestamp.clone(),
+            id: m.id,
+            msg_id: m.msg_id.clone(),
+        })
+        .collect();
+    let history = ServerFrame::History { messages }.encode();
     let mut frames = Vec::with_capacity(pending.len() + 3);
     for m in pending {
         let frame = ServerFrame::Offline(OfflineMessage {
@@ -165,19 +179,7 @@ fn login_burst(
         });
         frames.push(OutFrame { text: frame.encode().into(), delivers: Some(m.id), committed: None });
     }
-    let messages = history
-        .iter()
-        .map(|m| HistoryEntry {
-            from: m.sender.clone(),
-            from_display_name: m.sender_display_name.clone(),
-            to: m.recipient.clone(),
-            message: m.message.clone(),
-            timestamp: m.timestamp.clone(),
-            id: m.id,
-            msg_id: m.msg_id.clone(),
-        })
-        .collect();
-    frames.push(OutFrame::plain(ServerFrame::History { messages }.encode()));
+    frames.push(OutFrame::plain(history));
     let online: Vec<String> =
         contacts.iter().filter(|c| is_online(&c.user_id)).map(|c| c.user_id.clone()).collect();
     frames.push(OutFrame::plain(ServerFrame::Contacts { contacts }.encode()));

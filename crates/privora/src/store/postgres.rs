@@ -103,7 +103,7 @@ impl Store for PostgresStore {
         rows.iter().map(message_from_row).collect()
     }
 
-    async fn history(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn latest(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
         // Each arm walks its index backwards and stops after `limit` rows.
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id IN (
@@ -111,9 +111,7 @@ impl Store for PostgresStore {
                      (SELECT id FROM messages WHERE sender = $1 ORDER BY id DESC LIMIT $2)
                      UNION
                      (SELECT id FROM messages WHERE recipient = $1 ORDER BY id DESC LIMIT $2)
-                     ORDER BY id DESC LIMIT $2) latest
-                 UNION
-                 SELECT message_id FROM pending WHERE recipient = $1)
+                     ORDER BY id DESC LIMIT $2) latest)
              ORDER BY id"
         );
         let rows =

@@ -2,7 +2,7 @@
 
 use privora::store::postgres::PostgresStore;
 use privora::store::sqlite::{IndexPolicy, SqliteStore};
-use privora::store::{NewMessage, Store, StoreError, UserRecord};
+use privora::store::{NewMessage, Store, StoreError, StoredMessage, UserRecord};
 use privora_protocol::Contact;
 use serde_json::json;
 
@@ -78,6 +78,11 @@ async fn conformance(store: &dyn Store) {
     assert_eq!(latest, vec![second.id, third.id], "the latest one plus the pending one");
     let none_but_pending: Vec<i64> = store.history("b", 0).await.unwrap().iter().map(|m| m.id).collect();
     assert_eq!(none_but_pending, vec![second.id]);
+    let ids = |messages: Vec<StoredMessage>| messages.iter().map(|m| m.id).collect::<Vec<i64>>();
+    assert_eq!(ids(store.latest("b", 10).await.unwrap()), vec![first.id, second.id, third.id]);
+    assert_eq!(ids(store.latest("b", 1).await.unwrap()), vec![third.id], "pending or not, only the latest");
+    assert_eq!(ids(store.latest("a", 1).await.unwrap()), vec![third.id]);
+    assert!(store.latest("b", 0).await.unwrap().is_empty());
 
     assert_eq!(
         store.contacts("b").await.unwrap(),
