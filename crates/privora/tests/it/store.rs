@@ -106,6 +106,14 @@ async fn conformance(store: &dyn Store) {
     assert_eq!(found, vec![Contact { user_id: "b".into(), display_name: "Benjamin".into() }]);
     assert!(store.search_users("Ben ", 10).await.unwrap().len() == 1);
     assert!(store.search_users("xyz", 10).await.unwrap().is_empty());
+    // Long queries: a name that has the query's pieces but not the query is not found.
+    store.upsert_user(user("d", Some("Jamie Benmin"))).await.unwrap();
+    store.upsert_user(user("e", Some("EMILE Dubois"))).await.unwrap();
+    let found = store.search_users("benjamin", 10).await.unwrap();
+    assert_eq!(found, vec![Contact { user_id: "b".into(), display_name: "Benjamin".into() }]);
+    let found = store.search_users("Emile dub", 10).await.unwrap();
+    assert_eq!(found, vec![Contact { user_id: "e".into(), display_name: "EMILE Dubois".into() }]);
+    assert!(store.search_users("benjamins", 10).await.unwrap().is_empty());
 
     store.check().await.unwrap();
     store.close().await;
@@ -116,6 +124,17 @@ async fn conformance(store: &dyn Store) {
 async fn sqlite_store_conformance() {
     let (_dir, store) = sqlite().await;
     conformance(&store).await;
+}
+
+/// SQLite folds case beyond ASCII (PostgreSQL does so as its database's locale says).
+#[tokio::test]
+async fn sqlite_search_folds_case_beyond_ascii_in_short_and_long_queries() {
+    let (_dir, store) = sqlite().await;
+    store.upsert_user(user("e", Some("ÉLODIE Dubois"))).await.unwrap();
+    let elodie = vec![Contact { user_id: "e".into(), display_name: "ÉLODIE Dubois".into() }];
+    assert_eq!(store.search_users("élodie", 10).await.unwrap(), elodie);
+    assert_eq!(store.search_users("élodie dub", 10).await.unwrap(), elodie);
+    assert!(store.search_users("élodie dup", 10).await.unwrap().is_empty());
 }
 
 #[tokio::test]
