@@ -637,10 +637,12 @@ impl Writer {
              ORDER BY 1, 2",
         )?
         .execute(range)?;
+        // UNION ALL: the primary key already drops a pair seen twice, and deduplicating first
+        // cost a temporary index (a fifth of this statement's time).
         tx.prepare_cached(
             "INSERT OR IGNORE INTO contacts (user_id, partner_id)
              SELECT sender, recipient FROM messages WHERE id > ?1 AND id <= ?2
-             UNION
+             UNION ALL
              SELECT recipient, sender FROM messages WHERE id > ?1 AND id <= ?2
              ORDER BY 1, 2",
         )?
