@@ -242,3 +242,37 @@ pub fn contacts_by_name(rows: impl IntoIterator<Item = (String, Option<String>)>
     contacts.sort_by_cached_key(|c| c.display_name.to_lowercase());
     contacts
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{with_pending, StoredMessage};
+
+    fn message(id: i64) -> StoredMessage {
+        StoredMessage {
+            id,
+            sender: "a".into(),
+            sender_display_name: "A".into(),
+            recipient: "b".into(),
+            message: format!("m{id}"),
+            timestamp: "2026-11-26T09:40:17.123Z".into(),
+            msg_id: None,
+        }
+    }
+
+    fn ids(latest: &[i64], pending: &[i64]) -> Vec<i64> {
+        let latest: Vec<StoredMessage> = latest.iter().copied().map(message).collect();
+        let pending: Vec<StoredMessage> = pending.iter().copied().map(message).collect();
+        with_pending(&latest, &pending).into_iter().map(|m| m.id).collect()
+    }
+
+    #[test]
+    fn history_is_the_latest_and_the_pending_in_id_order_each_once() {
+        assert_eq!(ids(&[], &[]), Vec::<i64>::new());
+        assert_eq!(ids(&[5, 6], &[]), vec![5, 6]);
+        assert_eq!(ids(&[], &[1, 2]), vec![1, 2]);
+        // Pending messages older than the latest ones come first.
+        assert_eq!(ids(&[7, 8, 9], &[1, 3]), vec![1, 3, 7, 8, 9]);
+        // Overlaps appear once; interleaved ids keep their order.
+        assert_eq!(ids(&[4, 6, 8], &[2, 4, 5, 8, 10]), vec![2, 4, 5, 6, 8, 10]);
+    }
+}
