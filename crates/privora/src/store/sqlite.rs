@@ -11,10 +11,13 @@
 //! (see migrations/sqlite/0002_indexed_tail.sql for why).
 //!
 //! Reads go through a small pool of read-only sqlx connections, which WAL lets run beside the
-//! writer, each on its own thread, so nothing here blocks the async runtime.
+//! writer, each on its own thread, so nothing here blocks the async runtime. The two reads that
+//! return many messages (pending, latest) use as many read-only rusqlite connections of their
+//! own on blocking threads (`MessageLists`).
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -24,7 +27,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use futures_util::TryStreamExt;
-use sqlx::{ConnectOptions, Connection, FromRow, Row};
+use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::writer::{Reply, WriteOp, WriteQueue, WRITER_CACHE};
@@ -118,6 +121,83 @@ impl Default for IndexPolicy {
 pub struct SqliteStore {
     writes: WriteQueue,
     reads: SqlitePool,
+    lists: Arc<MessageLists>,
+}
+
+/// Read-only rusqlite connections for the reads that return many messages (a login's pending
+/// and latest ones). Rows become `StoredMessage`s on a blocking thread, straight from the
+/// statement; through sqlx each row is first copied into a row value and handed over from the
+/// connection's thread, which made a 10,000-message catch-up read cost several times the query.
+struct MessageLists {
+    path: PathBuf,
+    /// At most `PRIVORA_DB_READERS` of these reads at a time (a login storm waits here).
+    permits: tokio::sync::Semaphore,
+    idle: Mutex<Vec<rusqlite::Connection>>,
+}
+
+impl MessageLists {
+    fn connect(&self) -> rusqlite::Result<rusqlite::Connection> {
+        use rusqlite::OpenFlags;
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "cache_size", -65536)?;
+        Ok(conn)
+    }
+
+    /// Runs `read` on an idle connection (or a new one) on a blocking thread.
+    async fn read<T: Send + 'static>(
+        self: &Arc<Self>,
+        read: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let _permit = self.permits.acquire().await.map_err(|_| StoreError::Closed)?;
+        let lists = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let idle = lists.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match idle {
+                Some(conn) => conn,
+                None => lists.connect().map_err(from_rusqlite)?,
+            };
+            let result = read(&conn).map_err(from_rusqlite);
+            lists.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("a read did not finish: {e}")))?
+    }
+
+    /// The messages `sql` selects (the columns of `MessageRow`, in order) for `params`.
+    async fn messages(
+        self: &Arc<Self>,
+        sql: &'static str,
+        user: &str,
+        limit: Option<u32>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let user = user.to_string();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(sql)?;
+            let mut rows = match limit {
+                Some(limit) => statement.query(rusqlite::params![user, limit])?,
+                None => statement.query([&user])?,
+            };
+            let mut messages = Vec::new();
+            while let Some(row) = rows.next()? {
+                messages.push(StoredMessage::from(MessageRow {
+                    id: row.get(0)?,
+                    sender: row.get(1)?,
+                    sender_display_name: row.get(2)?,
+                    recipient: row.get(3)?,
+                    message: row.get(4)?,
+                    timestamp: row.get(5)?,
+                    client_msg_id: row.get(6)?,
+                }));
+            }
+            Ok(messages)
+        })
+        .await
+    }
 }
 
 impl SqliteStore {
@@ -172,7 +252,12 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(from_sqlx)?;
-        Ok(SqliteStore { writes, reads })
+        let lists = Arc::new(MessageLists {
+            path: path.to_path_buf(),
+            permits: tokio::sync::Semaphore::new(readers as usize),
+            idle: Mutex::new(Vec::new()),
+        });
+        Ok(SqliteStore { writes, reads, lists })
     }
 }
 
@@ -190,27 +275,20 @@ impl Store for SqliteStore {
     // tail (`id > indexed_upto`, scanned by rowid) always agree.
 
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
+        const PENDING: &str = "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
              FROM messages WHERE id IN (
                  SELECT message_id FROM pending WHERE recipient = ?1
                  UNION ALL
                  SELECT id FROM messages
                  WHERE id > (SELECT indexed_upto FROM index_state) AND recipient = ?1
                    AND id NOT IN (SELECT message_id FROM delivered))
-             ORDER BY id",
-        )
-        .bind(recipient)
-        .fetch_all(&self.reads)
-        .await
-        .map_err(from_sqlx)?;
-        rows.iter().map(message_from_row).collect()
+             ORDER BY id";
+        self.lists.messages(PENDING, recipient, None).await
     }
 
     async fn latest(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
         // From the timeline index (walked backwards, stopping after `limit` rows) and the tail.
-        let rows = sqlx::query(
-            "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
+        const LATEST: &str = "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
              FROM messages WHERE id IN (
                  SELECT id FROM (
                      SELECT message_id AS id FROM (SELECT message_id FROM timeline WHERE user_id = ?1
@@ -219,14 +297,8 @@ impl Store for SqliteStore {
                      SELECT id FROM messages
                      WHERE id > (SELECT indexed_upto FROM index_state) AND (sender = ?1 OR recipient = ?1)
                      ORDER BY id DESC LIMIT ?2))
-             ORDER BY id",
-        )
-        .bind(user)
-        .bind(limit)
-        .fetch_all(&self.reads)
-        .await
-        .map_err(from_sqlx)?;
-        rows.iter().map(message_from_row).collect()
+             ORDER BY id";
+        self.lists.messages(LATEST, user, Some(limit)).await
     }
 
     async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError> {
@@ -348,10 +420,6 @@ impl Store for SqliteStore {
         self.writes.close().await;
         self.reads.close().await;
     }
-}
-
-fn message_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredMessage, StoreError> {
-    MessageRow::from_row(row).map(StoredMessage::from).map_err(from_sqlx)
 }
 
 /// Busy, locked, I/O and pool errors mean "try again later"; anything else is a real fault.
