@@ -140,7 +140,7 @@ impl MessageLists {
         use rusqlite::OpenFlags;
         let conn = rusqlite::Connection::open_with_flags(
             &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "cache_size", -65536)?;
@@ -168,7 +168,8 @@ impl MessageLists {
         .map_err(|e| StoreError::Database(format!("a read did not finish: {e}")))?
     }
 
-    /// The messages `sql` selects (the columns of `MessageRow`, in order) for `params`.
+    /// The messages `sql` selects (the columns of `MessageRow`, in order) with `user` as ?1 and,
+    /// when given, `limit` as ?2.
     async fn messages(
         self: &Arc<Self>,
         sql: &'static str,
@@ -419,6 +420,7 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.writes.close().await;
         self.reads.close().await;
+        self.lists.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 
