@@ -6,7 +6,7 @@
 //! (group commit): many senders share one fsync, and no write ever waits on SQLite's lock.
 //!
 //! Storing a message is one append at the end of `messages`. The indexes that find a user's
-//! messages (`timeline`, `pending`, `contacts`) are brought up to date by the same thread in
+//! messages (`timeline_chunks`, `pending`, `contacts`) are brought up to date by the same thread in
 //! sorted folds every few thousand messages; reads add the short unfolded tail by scanning it
 //! (see migrations/sqlite/0002_indexed_tail.sql for why).
 //!
@@ -15,18 +15,18 @@
 //! return many messages (pending, latest) use as many read-only rusqlite connections of their
 //! own on blocking threads (`MessageLists`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::TryStreamExt;
 use privora_protocol::Contact;
 use rusqlite::TransactionBehavior;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use futures_util::TryStreamExt;
 use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
@@ -185,20 +185,65 @@ impl MessageLists {
             };
             let mut messages = Vec::new();
             while let Some(row) = rows.next()? {
-                messages.push(StoredMessage::from(MessageRow {
-                    id: row.get(0)?,
-                    sender: row.get(1)?,
-                    sender_display_name: row.get(2)?,
-                    recipient: row.get(3)?,
-                    message: row.get(4)?,
-                    timestamp: row.get(5)?,
-                    client_msg_id: row.get(6)?,
-                }));
+                messages.push(message_row(row)?);
             }
             Ok(messages)
         })
         .await
     }
+
+    /// The user's newest `limit` messages, in id order, in one snapshot: the tail's (scanned)
+    /// and the timeline chunks' (walked newest first, until they hold enough).
+    async fn latest(self: &Arc<Self>, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        let user = user.to_string();
+        self.read(move |conn| {
+            let wanted = limit as usize;
+            let snapshot = conn.unchecked_transaction()?;
+            // Newest first.
+            let mut ids = snapshot
+                .prepare_cached(
+                    "SELECT id FROM messages
+                     WHERE id > (SELECT indexed_upto FROM index_state) AND (sender = ?1 OR recipient = ?1)
+                     ORDER BY id DESC LIMIT ?2",
+                )?
+                .query_map(rusqlite::params![user, limit], |row| row.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            let mut chunks = snapshot
+                .prepare_cached("SELECT ids FROM timeline_chunks WHERE user_id = ?1 ORDER BY last_id DESC")?;
+            let mut rows = chunks.query([&user])?;
+            while ids.len() < wanted {
+                let Some(row) = rows.next()? else { break };
+                let chunk: Vec<i64> = serde_json::from_str(row.get_ref(0)?.as_str()?).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+                })?;
+                ids.extend(chunk.iter().rev().take(wanted - ids.len()));
+            }
+            drop(rows);
+            let mut fetch = snapshot.prepare_cached(
+                "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
+                 FROM messages WHERE id = ?1",
+            )?;
+            let mut messages = Vec::with_capacity(ids.len());
+            for &id in ids.iter().rev() {
+                messages.push(fetch.query_row([id], message_row)?);
+            }
+            Ok(messages)
+        })
+        .await
+    }
+}
+
+/// A row of the columns of `MessageRow`, in order, as a message.
+fn message_row(row: &rusqlite::Row) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage::from(MessageRow {
+        id: row.get(0)?,
+        sender: row.get(1)?,
+        sender_display_name: row.get(2)?,
+        recipient: row.get(3)?,
+        message: row.get(4)?,
+        timestamp: row.get(5)?,
+        client_msg_id: row.get(6)?,
+    }))
 }
 
 impl SqliteStore {
@@ -276,7 +321,8 @@ impl Store for SqliteStore {
     // tail (`id > indexed_upto`, scanned by rowid) always agree.
 
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
-        const PENDING: &str = "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
+        const PENDING: &str =
+            "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
              FROM messages WHERE id IN (
                  SELECT message_id FROM pending WHERE recipient = ?1
                  UNION ALL
@@ -288,18 +334,7 @@ impl Store for SqliteStore {
     }
 
     async fn latest(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
-        // From the timeline index (walked backwards, stopping after `limit` rows) and the tail.
-        const LATEST: &str = "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
-             FROM messages WHERE id IN (
-                 SELECT id FROM (
-                     SELECT message_id AS id FROM (SELECT message_id FROM timeline WHERE user_id = ?1
-                                                   ORDER BY message_id DESC LIMIT ?2)
-                     UNION
-                     SELECT id FROM messages
-                     WHERE id > (SELECT indexed_upto FROM index_state) AND (sender = ?1 OR recipient = ?1)
-                     ORDER BY id DESC LIMIT ?2))
-             ORDER BY id";
-        self.lists.messages(LATEST, user, Some(limit)).await
+        self.lists.latest(user, limit).await
     }
 
     async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError> {
@@ -332,7 +367,9 @@ impl Store for SqliteStore {
                 .map_err(from_sqlx)?;
         let unchanged = |new: &Option<String>, old: &Option<String>| new.is_none() || new == old;
         match known {
-            Some((name, email)) if unchanged(&user.display_name, &name) && unchanged(&user.email, &email) => Ok(()),
+            Some((name, email)) if unchanged(&user.display_name, &name) && unchanged(&user.email, &email) => {
+                Ok(())
+            }
             _ => self.writes.upsert_user(user).await,
         }
     }
@@ -680,9 +717,11 @@ impl Writer {
         }
     }
 
-    /// Folds the tail into the indexes in one transaction: each index gets the tail's rows in
-    /// key order, so a B-tree page is written once per fold, not once per message. A tail
-    /// message confirmed already (in `delivered`) never becomes a `pending` row.
+    /// Folds the tail into the indexes in one transaction. The tail is read once, in id order,
+    /// and each index gets its rows in key order, so a B-tree page is written once per fold, not
+    /// once per message: `timeline_chunks` one row per user touched (see migration 0003),
+    /// `pending` one per message not confirmed by now (in `delivered`), `contacts` one per new
+    /// pair.
     fn fold(&mut self, limit: i64) -> rusqlite::Result<()> {
         self.last_fold = Instant::now();
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
@@ -691,32 +730,27 @@ impl Writer {
         if top <= self.indexed_upto {
             return Ok(());
         }
-        let range = rusqlite::params![self.indexed_upto, top];
-        tx.prepare_cached(
-            "INSERT OR IGNORE INTO timeline (user_id, message_id)
-             SELECT recipient, id FROM messages WHERE id > ?1 AND id <= ?2
-             UNION ALL
-             SELECT sender, id FROM messages WHERE id > ?1 AND id <= ?2 AND sender <> recipient
-             ORDER BY 1, 2",
-        )?
-        .execute(range)?;
-        tx.prepare_cached(
-            "INSERT OR IGNORE INTO pending (recipient, message_id)
-             SELECT recipient, id FROM messages
-             WHERE id > ?1 AND id <= ?2 AND id NOT IN (SELECT message_id FROM delivered)
-             ORDER BY 1, 2",
-        )?
-        .execute(range)?;
-        // UNION ALL: the primary key already drops a pair seen twice, and deduplicating first
-        // cost a temporary index (a fifth of this statement's time).
-        tx.prepare_cached(
-            "INSERT OR IGNORE INTO contacts (user_id, partner_id)
-             SELECT sender, recipient FROM messages WHERE id > ?1 AND id <= ?2
-             UNION ALL
-             SELECT recipient, sender FROM messages WHERE id > ?1 AND id <= ?2
-             ORDER BY 1, 2",
-        )?
-        .execute(range)?;
+        let tail = Tail::read(&tx, self.indexed_upto, top)?;
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT INTO timeline_chunks (user_id, last_id, ids) VALUES (?1, ?2, ?3)")?;
+            for (user, ids) in tail.users.iter().zip(&tail.timeline) {
+                for chunk in ids.chunks(CHUNK_IDS) {
+                    let last = chunk[chunk.len() - 1];
+                    insert.execute(rusqlite::params![user, last, ids_json(chunk)])?;
+                }
+            }
+            let mut insert =
+                tx.prepare_cached("INSERT OR IGNORE INTO pending (recipient, message_id) VALUES (?1, ?2)")?;
+            for &(recipient, id) in &tail.pending {
+                insert.execute(rusqlite::params![tail.users[recipient], id])?;
+            }
+            let mut insert =
+                tx.prepare_cached("INSERT OR IGNORE INTO contacts (user_id, partner_id) VALUES (?1, ?2)")?;
+            for &(user, partner) in &tail.contacts {
+                insert.execute(rusqlite::params![tail.users[user], tail.users[partner]])?;
+            }
+        }
         tx.prepare_cached("DELETE FROM delivered WHERE message_id <= ?1")?.execute([top])?;
         tx.prepare_cached("UPDATE index_state SET indexed_upto = ?1")?.execute([top])?;
         tx.commit()?;
@@ -724,6 +758,85 @@ impl Writer {
         self.indexed_upto = top;
         Ok(())
     }
+}
+
+/// Most message ids in one `timeline_chunks` row: a chunk stays a small row (about 2 KB).
+const CHUNK_IDS: usize = 256;
+
+/// A stretch of the tail as the fold writes it: each index's rows in key order. Users are
+/// referred to by their place in `users` (sorted, so that order is the text keys' order): a
+/// fold of 16,384 messages would otherwise allocate and compare some 80,000 strings.
+struct Tail {
+    /// Every user who sent or received a message in the stretch, sorted.
+    users: Vec<String>,
+    /// For each user, the ids of the messages they sent or received, ascending.
+    timeline: Vec<Vec<i64>>,
+    /// (recipient, id) of each message not confirmed by now, sorted.
+    pending: Vec<(usize, i64)>,
+    /// Conversation pairs, both ways, sorted, each once.
+    contacts: Vec<(usize, usize)>,
+}
+
+impl Tail {
+    /// Reads the messages with `after < id <= upto`, in id order, and the confirmations of them.
+    fn read(tx: &rusqlite::Transaction, after: i64, upto: i64) -> rusqlite::Result<Tail> {
+        let delivered = tx
+            .prepare_cached("SELECT message_id FROM delivered WHERE message_id > ?1 AND message_id <= ?2")?
+            .query_map([after, upto], |row| row.get(0))?
+            .collect::<rusqlite::Result<HashSet<i64>>>()?;
+        // Users numbered as they come; renumbered in key order below.
+        let mut numbers: HashMap<String, usize> = HashMap::new();
+        let mut number = |user: &str| match numbers.get(user) {
+            Some(&n) => n,
+            None => {
+                let n = numbers.len();
+                numbers.insert(user.to_string(), n);
+                n
+            }
+        };
+        let mut messages: Vec<(i64, usize, usize)> = Vec::with_capacity((upto - after) as usize);
+        let mut select =
+            tx.prepare_cached("SELECT id, sender, recipient FROM messages WHERE id > ?1 AND id <= ?2")?;
+        let mut rows = select.query([after, upto])?;
+        while let Some(row) = rows.next()? {
+            let sender = number(row.get_ref(1)?.as_str()?);
+            let recipient = number(row.get_ref(2)?.as_str()?);
+            messages.push((row.get(0)?, sender, recipient));
+        }
+        let mut users: Vec<(String, usize)> = numbers.into_iter().collect();
+        users.sort_unstable();
+        let mut rank = vec![0; users.len()];
+        for (place, (_, n)) in users.iter().enumerate() {
+            rank[*n] = place;
+        }
+        let mut tail = Tail {
+            timeline: vec![Vec::new(); users.len()],
+            users: users.into_iter().map(|(user, _)| user).collect(),
+            pending: Vec::new(),
+            contacts: Vec::with_capacity(messages.len() * 2),
+        };
+        for (id, sender, recipient) in messages {
+            let (sender, recipient) = (rank[sender], rank[recipient]);
+            tail.timeline[sender].push(id);
+            if recipient != sender {
+                tail.timeline[recipient].push(id);
+            }
+            if !delivered.contains(&id) {
+                tail.pending.push((recipient, id));
+            }
+            tail.contacts.push((sender, recipient));
+            tail.contacts.push((recipient, sender));
+        }
+        tail.pending.sort_unstable();
+        tail.contacts.sort_unstable();
+        tail.contacts.dedup();
+        Ok(tail)
+    }
+}
+
+/// A `timeline_chunks.ids` value: the ids as a JSON array.
+fn ids_json(ids: &[i64]) -> String {
+    serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
 }
 
 /// The next operation (None once the queue is closed), or None (outer) if none came by
@@ -886,7 +999,10 @@ mod tests {
             TrigramQuery::of("benjamin"),
             TrigramQuery::Candidates("\"ben\" AND \"jam\" AND \"min\"".into())
         );
-        assert_eq!(TrigramQuery::of("abcdefghi"), TrigramQuery::Candidates("\"abc\" AND \"def\" AND \"ghi\"".into()));
+        assert_eq!(
+            TrigramQuery::of("abcdefghi"),
+            TrigramQuery::Candidates("\"abc\" AND \"def\" AND \"ghi\"".into())
+        );
         // Characters, not bytes.
         assert_eq!(TrigramQuery::of("élodie"), TrigramQuery::Phrase("\"élodie\"".into()));
         assert_eq!(

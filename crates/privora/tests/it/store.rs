@@ -216,6 +216,100 @@ async fn a_tail_left_after_a_burst_is_folded_once_the_writer_is_idle() {
     store.close().await;
 }
 
+/// A fold gives each user one timeline chunk (several once it holds over 256 ids); the latest
+/// messages come from the chunks newest first, cut at any point, with the tail's on top.
+#[tokio::test]
+async fn sqlite_latest_walks_the_timeline_chunks_and_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let policy = IndexPolicy {
+        rows: 600,
+        chunk: 600,
+        idle_rate: f64::INFINITY,
+        idle_chunk: 600,
+        interval: std::time::Duration::from_secs(3600),
+    };
+    let store = SqliteStore::open_with(&path, 2, policy).await.unwrap();
+    for id in ["a", "b", "c"] {
+        store.upsert_user(user(id, None)).await.unwrap();
+    }
+    // b is in every message (600 in the fold: three chunks), a and c in every other one.
+    let (mut of_a, mut of_b) = (Vec::new(), Vec::new());
+    for i in 0..700 {
+        let (from, to) = if i % 2 == 0 { ("a", "b") } else { ("b", "c") };
+        let id = store.append(message(from, to, &i.to_string())).await.unwrap().id;
+        of_b.push(id);
+        if from == "a" {
+            of_a.push(id);
+        }
+    }
+    let last = |ids: &[i64], n: usize| ids[ids.len().saturating_sub(n)..].to_vec();
+    let ids = |messages: Vec<StoredMessage>| messages.iter().map(|m| m.id).collect::<Vec<i64>>();
+    let check = |store: SqliteStore| async {
+        for n in [0, 1, 50, 100, 101, 256, 300, 357, 600, 699, 700, 800] {
+            assert_eq!(ids(store.latest("b", n as u32).await.unwrap()), last(&of_b, n), "latest {n} of b");
+        }
+        for n in [1, 44, 45, 300, 350, 351] {
+            assert_eq!(ids(store.latest("a", n as u32).await.unwrap()), last(&of_a, n), "latest {n} of a");
+        }
+        store
+    };
+    let store = check(store).await;
+    let chunks: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT user_id, json_array_length(ids) FROM timeline_chunks ORDER BY user_id, last_id",
+    )
+    .fetch_all(&sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", path.display())).await.unwrap())
+    .await
+    .unwrap();
+    let b: Vec<i64> = chunks.iter().filter(|(u, _)| u == "b").map(|(_, n)| *n).collect();
+    assert_eq!(b, [256, 256, 88], "b's 600 folded messages, in chunks of at most 256");
+    store.close().await;
+    // Reopened, the tail is folded too; nothing changes for the reader.
+    let store = SqliteStore::open_with(&path, 2, policy).await.unwrap();
+    check(store).await.close().await;
+}
+
+/// Migration 0003 turns the timeline's rows into chunks of at most 256 ids, in order.
+#[test]
+fn migration_0003_turns_timeline_rows_into_chunks() {
+    let conn = rusqlite::Connection::open_in_memory().unwrap();
+    conn.execute_batch(
+        "CREATE TABLE timeline (user_id TEXT NOT NULL, message_id INTEGER NOT NULL,
+                                PRIMARY KEY (user_id, message_id)) WITHOUT ROWID;",
+    )
+    .unwrap();
+    // Inserted out of order on purpose.
+    for id in (1..=600).rev() {
+        conn.execute("INSERT INTO timeline VALUES ('u', ?1)", [id * 2]).unwrap();
+    }
+    conn.execute_batch("INSERT INTO timeline VALUES ('v', 7), ('v', 3), ('v', 5);").unwrap();
+    conn.execute_batch(include_str!("../../../../migrations/sqlite/0003_timeline_chunks.sql")).unwrap();
+    let mut select =
+        conn.prepare("SELECT user_id, last_id, ids FROM timeline_chunks ORDER BY user_id, last_id").unwrap();
+    let chunks: Vec<(String, i64, Vec<i64>)> = select
+        .query_map([], |row| {
+            let ids: String = row.get(2)?;
+            Ok((row.get(0)?, row.get(1)?, serde_json::from_str(&ids).unwrap()))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let u: Vec<i64> = (1..=600).map(|i| i * 2).collect();
+    assert_eq!(
+        chunks,
+        vec![
+            ("u".to_string(), 512, u[..256].to_vec()),
+            ("u".to_string(), 1024, u[256..512].to_vec()),
+            ("u".to_string(), 1200, u[512..].to_vec()),
+            ("v".to_string(), 7, vec![3, 5, 7]),
+        ]
+    );
+    let old: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'timeline'", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(old, 0, "the old table is gone");
+}
+
 #[tokio::test]
 async fn postgres_store_conformance() {
     conformance(&postgres().await).await;
