@@ -6,7 +6,7 @@
 //! (group commit): many senders share one fsync, and no write ever waits on SQLite's lock.
 //!
 //! Storing a message is one append at the end of `messages`. The indexes that find a user's
-//! messages (`timeline_chunks`, `pending`, `contacts`) are brought up to date by the same thread in
+//! messages (`timeline_chunks`, `pending`, `contact_chunks`) are brought up to date by the same thread in
 //! sorted folds every few thousand messages; reads add the short unfolded tail by scanning it
 //! (see migrations/sqlite/0002_indexed_tail.sql for why).
 //!
@@ -213,9 +213,7 @@ impl MessageLists {
             let mut rows = chunks.query([&user])?;
             while ids.len() < wanted {
                 let Some(row) = rows.next()? else { break };
-                let chunk: Vec<i64> = serde_json::from_str(row.get_ref(0)?.as_str()?).map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
-                })?;
+                let chunk: Vec<i64> = from_json(row.get_ref(0)?.as_str()?)?;
                 ids.extend(chunk.iter().rev().take(wanted - ids.len()));
             }
             drop(rows);
@@ -340,7 +338,7 @@ impl Store for SqliteStore {
     async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError> {
         let rows = sqlx::query(
             "SELECT p.partner_id, u.display_name FROM (
-                 SELECT partner_id FROM contacts WHERE user_id = ?1
+                 SELECT j.value AS partner_id FROM contact_chunks c, json_each(c.partners) j WHERE c.user_id = ?1
                  UNION
                  SELECT recipient FROM messages
                  WHERE id > (SELECT indexed_upto FROM index_state) AND sender = ?1
@@ -485,8 +483,10 @@ struct Writer {
     known_users: HashSet<String>,
     /// The id the next message gets: the write lock is ours alone, so ids are assigned here.
     next_id: i64,
-    /// Messages up to here are in timeline/pending/contacts; the rest are the tail.
+    /// Messages up to here are in the indexes; the rest are the tail.
     indexed_upto: i64,
+    /// How many `contact_chunks` rows a user has, for the users the writer has looked at.
+    contact_chunks: HashMap<String, u32>,
     last_fold: Instant,
     policy: IndexPolicy,
 }
@@ -516,6 +516,7 @@ impl Writer {
             // Both are read afresh at the start of every transaction.
             next_id: 1,
             indexed_upto: 0,
+            contact_chunks: HashMap::new(),
             last_fold: Instant::now(),
             policy,
         };
@@ -720,8 +721,8 @@ impl Writer {
     /// Folds the tail into the indexes in one transaction. The tail is read once, in id order,
     /// and each index gets its rows in key order, so a B-tree page is written once per fold, not
     /// once per message: `timeline_chunks` one row per user touched (see migration 0003),
-    /// `pending` one per message not confirmed by now (in `delivered`), `contacts` one per new
-    /// pair.
+    /// `pending` one per message not confirmed by now (in `delivered`), `contact_chunks` one per
+    /// user touched (see migration 0004).
     fn fold(&mut self, limit: i64) -> rusqlite::Result<()> {
         self.last_fold = Instant::now();
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
@@ -737,7 +738,7 @@ impl Writer {
             for (user, ids) in tail.users.iter().zip(&tail.timeline) {
                 for chunk in ids.chunks(CHUNK_IDS) {
                     let last = chunk[chunk.len() - 1];
-                    insert.execute(rusqlite::params![user, last, ids_json(chunk)])?;
+                    insert.execute(rusqlite::params![user, last, to_json(chunk)])?;
                 }
             }
             let mut insert =
@@ -745,10 +746,12 @@ impl Writer {
             for &(recipient, id) in &tail.pending {
                 insert.execute(rusqlite::params![tail.users[recipient], id])?;
             }
-            let mut insert =
-                tx.prepare_cached("INSERT OR IGNORE INTO contacts (user_id, partner_id) VALUES (?1, ?2)")?;
-            for &(user, partner) in &tail.contacts {
-                insert.execute(rusqlite::params![tail.users[user], tail.users[partner]])?;
+            for partners in tail.contacts.chunk_by(|a, b| a.0 == b.0) {
+                let user = partners[0].0;
+                let last = tail.timeline[user].last().copied().unwrap_or(top);
+                let names: Vec<&str> =
+                    partners.iter().map(|&(_, partner)| tail.users[partner].as_str()).collect();
+                add_contact_chunk(&tx, &mut self.contact_chunks, &tail.users[user], last, &names)?;
             }
         }
         tx.prepare_cached("DELETE FROM delivered WHERE message_id <= ?1")?.execute([top])?;
@@ -756,8 +759,62 @@ impl Writer {
         tx.commit()?;
         tracing::debug!(from = self.indexed_upto + 1, to = top, "folded the message tail into the indexes");
         self.indexed_upto = top;
+        if self.contact_chunks.len() > WRITER_CACHE {
+            self.contact_chunks.clear();
+        }
         Ok(())
     }
+}
+
+/// Most `contact_chunks` rows a user has before the writer merges them into one.
+const CONTACT_CHUNKS: u32 = 16;
+
+/// Adds one fold's partners of `user` as a chunk, and merges the user's chunks into one once
+/// there are more than `CONTACT_CHUNKS`: a user's contacts stay a few rows to read, and a
+/// user's full list is rewritten only every so many folds.
+fn add_contact_chunk(
+    tx: &rusqlite::Transaction,
+    counts: &mut HashMap<String, u32>,
+    user: &str,
+    last: i64,
+    partners: &[&str],
+) -> rusqlite::Result<()> {
+    tx.prepare_cached("INSERT INTO contact_chunks (user_id, last_id, partners) VALUES (?1, ?2, ?3)")?
+        .execute(rusqlite::params![user, last, to_json(partners)])?;
+    let chunks = match counts.get_mut(user) {
+        Some(chunks) => {
+            *chunks += 1;
+            *chunks
+        }
+        None => {
+            let chunks: u32 = tx
+                .prepare_cached("SELECT count(*) FROM contact_chunks WHERE user_id = ?1")?
+                .query_row([user], |row| row.get(0))?;
+            counts.insert(user.to_string(), chunks);
+            chunks
+        }
+    };
+    if chunks <= CONTACT_CHUNKS {
+        return Ok(());
+    }
+    let mut merged = std::collections::BTreeSet::new();
+    let mut newest = last;
+    {
+        let mut select =
+            tx.prepare_cached("SELECT last_id, partners FROM contact_chunks WHERE user_id = ?1")?;
+        let mut rows = select.query([user])?;
+        while let Some(row) = rows.next()? {
+            newest = newest.max(row.get(0)?);
+            let chunk: Vec<String> = from_json(row.get_ref(1)?.as_str()?)?;
+            merged.extend(chunk);
+        }
+    }
+    tx.prepare_cached("DELETE FROM contact_chunks WHERE user_id = ?1")?.execute([user])?;
+    let merged: Vec<String> = merged.into_iter().collect();
+    tx.prepare_cached("INSERT INTO contact_chunks (user_id, last_id, partners) VALUES (?1, ?2, ?3)")?
+        .execute(rusqlite::params![user, newest, to_json(&merged)])?;
+    counts.insert(user.to_string(), 1);
+    Ok(())
 }
 
 /// Most message ids in one `timeline_chunks` row: a chunk stays a small row (about 2 KB).
@@ -834,9 +891,15 @@ impl Tail {
     }
 }
 
-/// A `timeline_chunks.ids` value: the ids as a JSON array.
-fn ids_json(ids: &[i64]) -> String {
-    serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
+/// A chunk's list (`timeline_chunks.ids`, `contact_chunks.partners`) as stored: a JSON array.
+fn to_json<T: serde::Serialize>(list: &[T]) -> String {
+    serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
+}
+
+/// A chunk's list read back.
+fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<Vec<T>> {
+    serde_json::from_str(text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
 }
 
 /// The next operation (None once the queue is closed), or None (outer) if none came by

@@ -16,15 +16,19 @@ async fn sqlite() -> (tempfile::TempDir, SqliteStore) {
 /// messages per fold (and never on a timer).
 async fn sqlite_folding_every(rows: i64) -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
-    let policy = IndexPolicy {
+    let store = SqliteStore::open_with(&dir.path().join("store.db"), 2, sqlite_policy(rows)).await.unwrap();
+    (dir, store)
+}
+
+/// The fold policy of `sqlite_folding_every`.
+fn sqlite_policy(rows: i64) -> IndexPolicy {
+    IndexPolicy {
         rows,
         chunk: 2,
         idle_rate: f64::INFINITY,
         idle_chunk: 2,
         interval: std::time::Duration::from_secs(3600),
-    };
-    let store = SqliteStore::open_with(&dir.path().join("store.db"), 2, policy).await.unwrap();
-    (dir, store)
+    }
 }
 
 /// A PostgreSQL store on a fresh schema of the test database.
@@ -308,6 +312,85 @@ fn migration_0003_turns_timeline_rows_into_chunks() {
         .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'timeline'", [], |row| row.get(0))
         .unwrap();
     assert_eq!(old, 0, "the old table is gone");
+}
+
+/// Every fold gives a user one contact chunk; past 16 the writer merges them into one, and the
+/// contacts read is the same before and after.
+#[tokio::test]
+async fn sqlite_contact_chunks_are_merged_and_read_the_same() {
+    let (dir, store) = sqlite_folding_every(1).await;
+    store.upsert_user(user("hub", Some("Hub"))).await.unwrap();
+    let partners: Vec<String> = (0..40).map(|i| format!("p{i:02}")).collect();
+    for partner in &partners {
+        store.upsert_user(user(partner, None)).await.unwrap();
+    }
+    let reader =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", dir.path().join("store.db").display()))
+            .await
+            .unwrap();
+    let chunks_of = |user: &'static str| {
+        let reader = reader.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM contact_chunks WHERE user_id = ?1")
+                .bind(user)
+                .fetch_one(&reader)
+                .await
+                .unwrap()
+        }
+    };
+    let mut most = 0;
+    // Each message is a fold of its own (and twice over with p00, a repeat).
+    for (i, partner) in partners.iter().enumerate() {
+        let (from, to) = if i % 2 == 0 { ("hub", partner.as_str()) } else { (partner.as_str(), "hub") };
+        store.append(message(from, to, "hi")).await.unwrap();
+        store.append(message("p00", "hub", "again")).await.unwrap();
+        let listed: Vec<String> =
+            store.contacts("hub").await.unwrap().into_iter().map(|c| c.user_id).collect();
+        assert_eq!(listed, partners[..=i], "after {} partners", i + 1);
+        most = most.max(chunks_of("hub").await);
+    }
+    assert!(most <= 17, "the hub's chunks were merged (at most {most})");
+    assert!(chunks_of("hub").await < 40);
+    let of_p07: Vec<String> = store.contacts("p07").await.unwrap().into_iter().map(|c| c.user_id).collect();
+    assert_eq!(of_p07, ["hub"]);
+    store.close().await;
+    // A new writer (counts forgotten) goes on from what the table holds.
+    let store = SqliteStore::open_with(&dir.path().join("store.db"), 2, sqlite_policy(1)).await.unwrap();
+    for _ in 0..20 {
+        store.append(message("hub", "p39", "more")).await.unwrap();
+    }
+    assert!(chunks_of("hub").await <= 17);
+    let listed: Vec<String> = store.contacts("hub").await.unwrap().into_iter().map(|c| c.user_id).collect();
+    assert_eq!(listed, partners);
+    store.close().await;
+}
+
+/// Migration 0004 turns the contacts' rows into one chunk per user, sorted.
+#[test]
+fn migration_0004_turns_contact_rows_into_chunks() {
+    let conn = rusqlite::Connection::open_in_memory().unwrap();
+    conn.execute_batch(
+        "CREATE TABLE contacts (user_id TEXT NOT NULL, partner_id TEXT NOT NULL,
+                                PRIMARY KEY (user_id, partner_id)) WITHOUT ROWID;
+         INSERT INTO contacts VALUES ('b', 'c'), ('a', 'c'), ('b', 'a'), ('a', 'b'), ('c', 'b'), ('c', 'a');",
+    )
+    .unwrap();
+    conn.execute_batch(include_str!("../../../../migrations/sqlite/0004_contact_chunks.sql")).unwrap();
+    let mut select =
+        conn.prepare("SELECT user_id, last_id, partners FROM contact_chunks ORDER BY user_id").unwrap();
+    let chunks: Vec<(String, i64, String)> = select
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        chunks,
+        vec![
+            ("a".to_string(), 0, r#"["b","c"]"#.to_string()),
+            ("b".to_string(), 0, r#"["a","c"]"#.to_string()),
+            ("c".to_string(), 0, r#"["a","b"]"#.to_string()),
+        ]
+    );
 }
 
 #[tokio::test]
