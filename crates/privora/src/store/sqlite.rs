@@ -6,9 +6,10 @@
 //! (group commit): many senders share one fsync, and no write ever waits on SQLite's lock.
 //!
 //! Storing a message is one append at the end of `messages`. The indexes that find a user's
-//! messages (`timeline_chunks`, `pending`, `contact_chunks`) are brought up to date by the same thread in
-//! sorted folds every few thousand messages; reads add the short unfolded tail by scanning it
-//! (see migrations/sqlite/0002_indexed_tail.sql for why).
+//! messages and partners (`timeline_chunks`, `pending`, `contact_chunks`) are brought up to date
+//! by the same thread in sorted folds every few thousand messages; reads add the short unfolded
+//! tail by scanning it (see migrations/sqlite/0002_indexed_tail.sql for why, and 0003 and 0004
+//! for the chunks).
 //!
 //! Reads go through a small pool of read-only sqlx connections, which WAL lets run beside the
 //! writer, each on its own thread, so nothing here blocks the async runtime. The two reads that
@@ -168,21 +169,16 @@ impl MessageLists {
         .map_err(|e| StoreError::Database(format!("a read did not finish: {e}")))?
     }
 
-    /// The messages `sql` selects (the columns of `MessageRow`, in order) with `user` as ?1 and,
-    /// when given, `limit` as ?2.
+    /// The messages `sql` selects (the columns of `MessageRow`, in order) with `user` as ?1.
     async fn messages(
         self: &Arc<Self>,
         sql: &'static str,
         user: &str,
-        limit: Option<u32>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let user = user.to_string();
         self.read(move |conn| {
             let mut statement = conn.prepare_cached(sql)?;
-            let mut rows = match limit {
-                Some(limit) => statement.query(rusqlite::params![user, limit])?,
-                None => statement.query([&user])?,
-            };
+            let mut rows = statement.query([&user])?;
             let mut messages = Vec::new();
             while let Some(row) = rows.next()? {
                 messages.push(message_row(row)?);
@@ -328,7 +324,7 @@ impl Store for SqliteStore {
                  WHERE id > (SELECT indexed_upto FROM index_state) AND recipient = ?1
                    AND id NOT IN (SELECT message_id FROM delivered))
              ORDER BY id";
-        self.lists.messages(PENDING, recipient, None).await
+        self.lists.messages(PENDING, recipient).await
     }
 
     async fn latest(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
@@ -485,7 +481,8 @@ struct Writer {
     next_id: i64,
     /// Messages up to here are in the indexes; the rest are the tail.
     indexed_upto: i64,
-    /// How many `contact_chunks` rows a user has, for the users the writer has looked at.
+    /// How many `contact_chunks` rows a user has, for the users the writer has looked at; forgotten
+    /// when a fold fails (it was rolled back) and re-read from the table when next needed.
     contact_chunks: HashMap<String, u32>,
     last_fold: Instant,
     policy: IndexPolicy,
@@ -591,6 +588,7 @@ impl Writer {
             if let Err(error) = self.fold(limit) {
                 // Nothing is lost: the tail stays the tail and the next fold tries again.
                 tracing::error!(%error, "folding the message tail into the indexes failed");
+                self.contact_chunks.clear();
                 return Some(Instant::now() + self.policy.interval);
             }
         }
