@@ -138,6 +138,13 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
         "≤ 2 × relay",
         |r| r <= 2.0,
     ));
+    rows.push(ratio_row(
+        "load generator CPU µs per delivered message (same runs; it shares the cores)".into(),
+        of(&throughput, Kind::Relay, |r| r.bench_cpu_us_per_msg),
+        of(&throughput, Kind::Privora, |r| r.bench_cpu_us_per_msg),
+        "reported",
+        |_| true,
+    ));
     let lost_or_duplicated = |runs: &[LoadReport]| runs.iter().map(|r| r.lost + r.duplicated).sum::<u64>();
 
     // Latency against offered load; the half-rate point is the target.

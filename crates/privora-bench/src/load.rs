@@ -8,6 +8,7 @@
 //! gives the sender its window slot back. After the measured window the senders stop and the
 //! bench waits for everything sent to arrive: whatever has not is lost.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -74,6 +75,12 @@ pub struct LoadReport {
     pub latency: Latency,
     /// Server CPU time (user + system) per message delivered in the window, in microseconds.
     pub server_cpu_us_per_msg: Option<f64>,
+    /// The same by server thread name (tokio's workers share one; the SQLite writer has its own),
+    /// for the threads alive at the end of the window.
+    pub server_cpu_by_thread_us_per_msg: Option<BTreeMap<String, f64>>,
+    /// This load generator's own CPU time per message delivered in the window, in microseconds:
+    /// on a machine it shares with the server, what the clients take is not the server's.
+    pub bench_cpu_us_per_msg: Option<f64>,
     pub server_rss_bytes: Option<u64>,
 }
 
@@ -194,6 +201,8 @@ pub async fn run(
     tokio::time::sleep_until(start + warmup).await;
     let window_start = Instant::now();
     let cpu_before = target.pid.and_then(target::cpu_time);
+    let threads_before = target.pid.and_then(target::cpu_by_thread);
+    let bench_before = target::cpu_time(std::process::id());
     let from = shared.nanos(window_start);
     shared.window_from.store(from, Ordering::Relaxed);
     let received_before = shared.received.load(Ordering::Relaxed);
@@ -206,6 +215,8 @@ pub async fn run(
     let window_end = Instant::now();
     shared.window_to.store(shared.nanos(window_end), Ordering::Relaxed);
     let cpu_after = target.pid.and_then(target::cpu_time);
+    let threads_after = target.pid.and_then(target::cpu_by_thread);
+    let bench_after = target::cpu_time(std::process::id());
     let rss = target.pid.and_then(target::rss_bytes);
     bar.finish_and_clear();
 
@@ -259,12 +270,31 @@ pub async fn run(
         errors: shared.errors.load(Ordering::Relaxed),
         delivered_per_sec: in_window as f64 / measured_secs,
         latency: Latency::of(&histogram),
-        server_cpu_us_per_msg: match (cpu_before, cpu_after) {
-            (Some(a), Some(b)) if in_window > 0 => Some((b - a).as_secs_f64() * 1e6 / in_window as f64),
+        server_cpu_us_per_msg: per_message(cpu_before, cpu_after, in_window),
+        server_cpu_by_thread_us_per_msg: match (threads_before, threads_after) {
+            (Some(before), Some(after)) if in_window > 0 => Some(
+                after
+                    .into_iter()
+                    .filter_map(|(name, cpu)| {
+                        // A thread started within the window spent all its time in it.
+                        let since = before.get(&name).copied().unwrap_or_default();
+                        Some((name, per_message(Some(since), Some(cpu), in_window)?))
+                    })
+                    .collect(),
+            ),
             _ => None,
         },
+        bench_cpu_us_per_msg: per_message(bench_before, bench_after, in_window),
         server_rss_bytes: rss,
     })
+}
+
+/// CPU time spent between two readings, in microseconds per message delivered meanwhile.
+fn per_message(before: Option<Duration>, after: Option<Duration>, messages: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(a), Some(b)) if messages > 0 => Some(b.saturating_sub(a).as_secs_f64() * 1e6 / messages as f64),
+        _ => None,
+    }
 }
 
 /// Connects and logs in every user, a few at a time.

@@ -2,6 +2,7 @@
 //! the bare relay in a child process, or any server URL with tokens from a command template.
 //! Also where the server's CPU time and memory are read from /proc.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -265,14 +266,33 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 
 /// A process's CPU time so far (user + system), from /proc/PID/stat.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces: the fields we want come after its closing paren.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (_, cpu) = parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    Some(cpu)
+}
+
+/// The CPU time (user + system) of each live thread of a process, summed by thread name (tokio's
+/// workers all share one), from /proc/PID/task/*/stat. Threads that ended are not counted.
+pub fn cpu_by_thread(pid: u32) -> Option<BTreeMap<String, Duration>> {
+    let mut threads = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(text) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        if let Some((name, cpu)) = parse_stat(&text) {
+            *threads.entry(name).or_insert(Duration::ZERO) += cpu;
+        }
+    }
+    Some(threads)
+}
+
+/// The command (or thread) name and the CPU time (user + system) of a /proc `stat` line.
+fn parse_stat(stat: &str) -> Option<(String, Duration)> {
+    // The name may hold spaces and parentheses: it ends at the last closing paren.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let name = stat.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+    Some((name, Duration::from_secs_f64(ticks as f64 / per_second as f64)))
 }
 
 /// Raises the open-file limit to the hard limit: thousands of sockets need it.
@@ -286,4 +306,28 @@ pub fn raise_fd_limit() -> u64 {
         }
     }
     limit.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_gives_the_name_and_user_plus_system_time() {
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+        let line = "42 (tokio (rt) worker) S 1 42 42 0 -1 4194560 10 0 0 0 250 50 0 0 20 0 3";
+        let (name, cpu) = parse_stat(line).expect("parsed");
+        assert_eq!(name, "tokio (rt) worker");
+        assert!((cpu.as_secs_f64() - 300.0 / per_second).abs() < 1e-9);
+        assert_eq!(parse_stat("42 (cut short) S 1"), None);
+    }
+
+    #[test]
+    fn this_process_has_threads_with_cpu_time() {
+        let threads = cpu_by_thread(std::process::id()).expect("readable");
+        assert!(!threads.is_empty());
+        let total: Duration = threads.values().sum();
+        assert!(total <= cpu_time(std::process::id()).expect("readable") + Duration::from_millis(20));
+    }
 }
