@@ -5,7 +5,11 @@
 //! /proc/self/stat), so that store changes can be compared without the WebSocket layer, or
 //! counted exactly under `valgrind --tool=callgrind`.
 //!
-//! cargo run --release -p privora --example store_workload -- [USERS] [MESSAGES]
+//! `PEERS` (default: every user) is how many people each user writes to: the bench's random
+//! peers make nearly every message a new conversation pair, while people mostly write to the
+//! same few.
+//!
+//! cargo run --release -p privora --example store_workload -- [USERS] [MESSAGES] [PEERS]
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let users: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1000);
     let messages: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200_000);
+    let peers: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(users as u64).max(1);
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SqliteStore::open(&dir.path().join("workload.db"), 2).await?);
     for u in 0..users {
@@ -45,7 +50,8 @@ async fn main() -> anyhow::Result<()> {
                     seed ^= seed << 13;
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
-                    let to = format!("user{}", seed % users as u64);
+                    // One of this user's `peers` neighbours (everyone, by default).
+                    let to = format!("user{}", (u as u64 + seed % peers) % users as u64);
                     let stored = store
                         .append(NewMessage {
                             sender: format!("user{u}"),
@@ -67,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let (cpu, secs) = (cpu_seconds() - cpu, started.elapsed().as_secs_f64());
     let total = (per_user * users) as f64;
     println!(
-        "{users} users, {total} messages: {:.0} msg/s, {:.1} µs CPU per message",
+        "{users} users, {peers} peers each, {total} messages: {:.0} msg/s, {:.1} µs CPU per message",
         total / secs,
         cpu * 1e6 / total
     );

@@ -324,35 +324,19 @@ async fn sqlite_contact_chunks_are_merged_and_read_the_same() {
     for partner in &partners {
         store.upsert_user(user(partner, None)).await.unwrap();
     }
-    let reader =
-        sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", dir.path().join("store.db").display()))
-            .await
-            .unwrap();
-    let chunks_of = |user: &'static str| {
-        let reader = reader.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM contact_chunks WHERE user_id = ?1")
-                .bind(user)
-                .fetch_one(&reader)
-                .await
-                .unwrap()
-        }
-    };
+    let chunks_of = |user: &'static str| contact_chunks_of(&dir, user);
     let mut most = 0;
     // Each message is a fold of its own (and twice over with p00, a repeat).
     for (i, partner) in partners.iter().enumerate() {
         let (from, to) = if i % 2 == 0 { ("hub", partner.as_str()) } else { (partner.as_str(), "hub") };
         store.append(message(from, to, "hi")).await.unwrap();
         store.append(message("p00", "hub", "again")).await.unwrap();
-        let listed: Vec<String> =
-            store.contacts("hub").await.unwrap().into_iter().map(|c| c.user_id).collect();
-        assert_eq!(listed, partners[..=i], "after {} partners", i + 1);
+        assert_eq!(contact_ids(&store, "hub").await, partners[..=i], "after {} partners", i + 1);
         most = most.max(chunks_of("hub").await);
     }
     assert!(most <= 17, "the hub's chunks were merged (at most {most})");
     assert!(chunks_of("hub").await < 40);
-    let of_p07: Vec<String> = store.contacts("p07").await.unwrap().into_iter().map(|c| c.user_id).collect();
-    assert_eq!(of_p07, ["hub"]);
+    assert_eq!(contact_ids(&store, "p07").await, ["hub"]);
     store.close().await;
     // A new writer (counts forgotten) goes on from what the table holds.
     let store = SqliteStore::open_with(&dir.path().join("store.db"), 2, sqlite_policy(1)).await.unwrap();
@@ -360,9 +344,63 @@ async fn sqlite_contact_chunks_are_merged_and_read_the_same() {
         store.append(message("hub", "p39", "more")).await.unwrap();
     }
     assert!(chunks_of("hub").await <= 17);
-    let listed: Vec<String> = store.contacts("hub").await.unwrap().into_iter().map(|c| c.user_id).collect();
-    assert_eq!(listed, partners);
+    assert_eq!(contact_ids(&store, "hub").await, partners);
     store.close().await;
+}
+
+/// A fold writes a contacts chunk for a user only when it holds a partner not recorded yet; a
+/// new writer, which knows none, records them again, and each is still listed once.
+#[tokio::test]
+async fn sqlite_a_fold_records_only_new_conversation_pairs() {
+    let (dir, store) = sqlite_folding_every(1).await;
+    for name in ["alice", "bob", "carol"] {
+        store.upsert_user(user(name, None)).await.unwrap();
+    }
+    append_and_fold(&store, "alice", "bob").await;
+    assert_eq!((contact_chunks_of(&dir, "alice").await, contact_chunks_of(&dir, "bob").await), (1, 1));
+    // Each of these is a fold of its own, with nobody new in it.
+    for (from, to) in [("alice", "bob"), ("bob", "alice"), ("alice", "bob"), ("bob", "alice")] {
+        append_and_fold(&store, from, to).await;
+    }
+    assert_eq!((contact_chunks_of(&dir, "alice").await, contact_chunks_of(&dir, "bob").await), (1, 1));
+    append_and_fold(&store, "alice", "carol").await;
+    assert_eq!(contact_chunks_of(&dir, "alice").await, 2);
+    assert_eq!(contact_chunks_of(&dir, "bob").await, 1);
+    assert_eq!(contact_ids(&store, "alice").await, ["bob", "carol"]);
+    assert_eq!(contact_ids(&store, "carol").await, ["alice"]);
+    store.close().await;
+
+    let store = SqliteStore::open_with(&dir.path().join("store.db"), 2, sqlite_policy(1)).await.unwrap();
+    append_and_fold(&store, "alice", "bob").await;
+    assert_eq!(contact_chunks_of(&dir, "alice").await, 3, "a new writer records the pair again");
+    assert_eq!(contact_ids(&store, "alice").await, ["bob", "carol"]);
+    assert_eq!(contact_ids(&store, "bob").await, ["alice"]);
+    store.close().await;
+}
+
+/// Appends a message from `from` to `to` with a store folding every message, and returns once
+/// that fold is done: the writer folds after a batch and before it takes the next, so a write
+/// queued after the append (the recipient's confirmation) returns only then.
+async fn append_and_fold(store: &SqliteStore, from: &str, to: &str) {
+    let stored = store.append(message(from, to, "hi")).await.unwrap();
+    store.mark_delivered(to, vec![stored.id]).await.unwrap();
+}
+
+/// The ids `store` lists as `user`'s contacts.
+async fn contact_ids(store: &dyn Store, user: &str) -> Vec<String> {
+    store.contacts(user).await.unwrap().into_iter().map(|c| c.user_id).collect()
+}
+
+/// How many `contact_chunks` rows `user` has in the test store in `dir`, read on a connection of
+/// its own (a pooled one may still hold the snapshot of an earlier read).
+async fn contact_chunks_of(dir: &tempfile::TempDir, user: &str) -> i64 {
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.path().join("store.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.query_row("SELECT count(*) FROM contact_chunks WHERE user_id = ?1", [user], |row| row.get(0))
+        .unwrap()
 }
 
 /// Migration 0004 turns the contacts' rows into one chunk per user, sorted.
