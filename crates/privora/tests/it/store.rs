@@ -391,8 +391,8 @@ async fn contact_ids(store: &dyn Store, user: &str) -> Vec<String> {
     store.contacts(user).await.unwrap().into_iter().map(|c| c.user_id).collect()
 }
 
-/// How many `contact_chunks` rows `user` has in the test store in `dir`, read on a connection of
-/// its own (a pooled one may still hold the snapshot of an earlier read).
+/// How many `contact_chunks` rows `user` has in the test store in `dir` (a read-only connection
+/// beside the store's own).
 async fn contact_chunks_of(dir: &tempfile::TempDir, user: &str) -> i64 {
     let conn = rusqlite::Connection::open_with_flags(
         dir.path().join("store.db"),
