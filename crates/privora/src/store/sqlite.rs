@@ -708,6 +708,10 @@ impl Writer {
             Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
         }
         let mut failure = None;
+        let mut statements = match BatchStatements::prepare(&tx) {
+            Ok(statements) => statements,
+            Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
+        };
         for op in work {
             // Once a statement failed, the rest only collect their replies (they fail too).
             if failure.is_some() {
@@ -716,13 +720,14 @@ impl Writer {
             }
             let done = match op {
                 WriteOp::Append(message, reply) => {
-                    match append(&tx, &mut self.known_users, &mut self.next_id, message, &timestamp) {
+                    let (known_users, next_id) = (&mut self.known_users, &mut self.next_id);
+                    match append(&tx, &mut statements, known_users, next_id, message, &timestamp) {
                         Ok(result) => Ok(Outcome::Message(reply, result)),
                         Err(error) => Err((error, Outcome::Message(reply, Err(StoreError::Closed)))),
                     }
                 }
                 WriteOp::Delivered { recipient, ids, reply } => {
-                    match mark_delivered(&tx, self.indexed_upto, &recipient, &ids) {
+                    match mark_delivered(&mut statements, self.indexed_upto, &recipient, &ids) {
                         Ok(()) => Ok(Outcome::Unit(reply)),
                         Err(error) => Err((error, Outcome::Unit(reply))),
                     }
@@ -743,6 +748,7 @@ impl Writer {
                 }
             }
         }
+        drop(statements);
         // Dropping an uncommitted transaction rolls it back.
         match failure {
             Some(error) => Err((error, outcomes)),
@@ -997,10 +1003,36 @@ fn owed(op: WriteOp) -> Option<Outcome> {
     }
 }
 
+/// The statements a batch runs once per message, prepared once per batch: taking a statement
+/// from rusqlite's cache and putting it back costs an allocation and a hash lookup each time.
+struct BatchStatements<'tx> {
+    insert_message: rusqlite::CachedStatement<'tx>,
+    delivered_in_tail: rusqlite::CachedStatement<'tx>,
+    delete_pending: rusqlite::CachedStatement<'tx>,
+}
+
+impl<'tx> BatchStatements<'tx> {
+    fn prepare(tx: &'tx rusqlite::Transaction) -> rusqlite::Result<BatchStatements<'tx>> {
+        Ok(BatchStatements {
+            insert_message: tx.prepare_cached(
+                "INSERT INTO messages (id, sender, sender_display_name, recipient, message, timestamp, client_msg_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?,
+            // Still in the tail: the fold will not make it pending.
+            delivered_in_tail: tx.prepare_cached(
+                "INSERT OR IGNORE INTO delivered (message_id)
+                 SELECT id FROM messages WHERE id = ?1 AND recipient = ?2",
+            )?,
+            delete_pending: tx.prepare_cached("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")?,
+        })
+    }
+}
+
 /// Appends one message with the next id, unless its recipient is unknown (a refusal, not a
 /// failure: the batch goes on).
 fn append(
     tx: &rusqlite::Transaction,
+    statements: &mut BatchStatements,
     known_users: &mut HashSet<String>,
     next_id: &mut i64,
     message: NewMessage,
@@ -1019,11 +1051,7 @@ fn append(
     }
     let id = *next_id;
     let msg_id = message.msg_id.as_ref().map(|v| v.to_string());
-    tx.prepare_cached(
-        "INSERT INTO messages (id, sender, sender_display_name, recipient, message, timestamp, client_msg_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(rusqlite::params![
+    statements.insert_message.execute(rusqlite::params![
         id,
         message.sender,
         message.sender_display_name,
@@ -1038,22 +1066,16 @@ fn append(
 
 /// `recipient` confirmed `ids`. A confirmation of someone else's message changes nothing.
 fn mark_delivered(
-    tx: &rusqlite::Transaction,
+    statements: &mut BatchStatements,
     indexed_upto: i64,
     recipient: &str,
     ids: &[i64],
 ) -> rusqlite::Result<()> {
     for &id in ids {
         if id > indexed_upto {
-            // Still in the tail: the fold will not make it pending.
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO delivered (message_id)
-                 SELECT id FROM messages WHERE id = ?1 AND recipient = ?2",
-            )?
-            .execute(rusqlite::params![id, recipient])?;
+            statements.delivered_in_tail.execute(rusqlite::params![id, recipient])?;
         } else {
-            tx.prepare_cached("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")?
-                .execute(rusqlite::params![recipient, id])?;
+            statements.delete_pending.execute(rusqlite::params![recipient, id])?;
         }
     }
     Ok(())
