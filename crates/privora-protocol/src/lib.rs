@@ -218,6 +218,20 @@ pub struct LiveMessage {
     pub msg_id: Option<Value>,
 }
 
+impl LiveMessage {
+    /// The `message` frame for this message, exactly as `ServerFrame::Message` encodes it, from
+    /// a reference: the server keeps the message's fields (its recipient, to route it) without
+    /// copying them into a frame first.
+    pub fn encode_frame(&self) -> String {
+        #[derive(Serialize)]
+        #[serde(tag = "type", rename_all = "lowercase")]
+        enum Frame<'a> {
+            Message(&'a LiveMessage),
+        }
+        serde_json::to_string(&Frame::Message(self)).expect("server frames always serialize")
+    }
+}
+
 /// `{"type":"offline",...}`: the original's fields plus our id and the client's `msg_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OfflineMessage {
@@ -309,6 +323,23 @@ impl ErrorCode {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_live_message_encodes_from_a_reference_as_its_frame_does() {
+        let mut live = LiveMessage {
+            from: "alice".into(),
+            from_display_name: "Alice \"A\" Ünal".into(),
+            to: "bob".into(),
+            message: "hi\n".into(),
+            timestamp: "2026-11-26T09:40:17.123Z".into(),
+            id: 7,
+            msg_id: None,
+        };
+        assert_eq!(live.encode_frame(), ServerFrame::Message(live.clone()).encode());
+        live.msg_id = Some(json!("c-1"));
+        assert_eq!(live.encode_frame(), ServerFrame::Message(live.clone()).encode());
+        assert!(live.encode_frame().starts_with(r#"{"type":"message","from":"alice""#));
+    }
 
     #[test]
     fn decodes_the_original_frames() {

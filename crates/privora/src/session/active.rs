@@ -80,15 +80,19 @@ impl Active {
                 settled = settle_front(&mut steps) => Next::Settle(settled),
                 message = self.conn.next(stream), if room => Next::Frame(message),
             };
-            // Handling a frame (queueing a message, confirming deliveries, answering) takes a
-            // future many times the size of waiting for one: boxed, it costs memory only while
-            // it runs, not for as long as the connection sits idle.
             let flow = match next {
                 Next::Settle(settled) => {
-                    Box::pin(self.settled(settled)).await;
+                    if let Some(outbound) = self.settled(settled) {
+                        // Boxed: waiting on the queue would otherwise be part of every idle
+                        // connection's state.
+                        let _ = Box::pin(self.conn.out.send(outbound)).await;
+                    }
                     ControlFlow::Continue(())
                 }
                 Next::Frame(None) => ControlFlow::Break(()),
+                // Handling a frame (queueing a message, confirming deliveries, answering) takes
+                // a future many times the size of waiting for one: boxed, it costs memory only
+                // while it runs, not for as long as the connection sits idle.
                 Next::Frame(Some(message)) => Box::pin(self.handle(message, &mut steps)).await,
             };
             if let ControlFlow::Break(()) = flow {
@@ -103,27 +107,31 @@ impl Active {
     async fn settle_all(&mut self, steps: &mut VecDeque<Step>) {
         while !steps.is_empty() {
             let settled = settle_front(steps).await;
-            self.settled(settled).await;
+            if let Some(outbound) = self.settled(settled) {
+                let _ = self.conn.out.send(outbound).await;
+            }
         }
     }
 
-    /// Acts on a settled step: routes a committed message, answers a refusal, queues a frame.
-    async fn settled(&mut self, settled: Settled) {
+    /// Acts on a settled step: routes a committed message; returns the frame to queue for the
+    /// client (a refusal, a `pong`), if any. Not async, so that routing a committed message, what
+    /// nearly every step comes to, takes no future (nor its allocation) of its own.
+    fn settled(&mut self, settled: Settled) -> Option<Outbound> {
         match settled {
             Settled::Stored(Ok(stored)) => {
                 metrics::message_in();
-                let recipient = stored.recipient.clone();
-                self.state.hub.send(&recipient, &live_frame(stored));
+                let (recipient, frame) = live_frame(stored);
+                self.state.hub.send(&recipient, &frame);
+                None
             }
-            Settled::Stored(Err(error)) => self.conn.error(&Error::from(error)).await,
-            Settled::Confirmed(Ok(())) => {}
+            Settled::Stored(Err(error)) => Some(self.conn.error_frame(&Error::from(error))),
+            Settled::Confirmed(Ok(())) => None,
             Settled::Confirmed(Err(error)) => {
                 // Not fatal: the messages stay pending and come again at the next login.
                 tracing::warn!(conn = self.conn.id, %error, "could not mark messages delivered");
+                None
             }
-            Settled::Send(outbound) => {
-                let _ = self.conn.out.send(outbound).await;
-            }
+            Settled::Send(outbound) => Some(outbound),
         }
     }
 

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
-use privora_protocol::{LiveMessage, ServerFrame};
+use privora_protocol::LiveMessage;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -165,21 +165,22 @@ fn binary_frame() -> Error {
     Error::BadFrame("binary frames are not supported: send JSON text frames".into())
 }
 
-/// The `message` frame that delivers a stored message live. Takes the message: its strings move
-/// into the frame instead of being copied (this runs for every message routed).
-pub(crate) fn live_frame(stored: StoredMessage) -> OutFrame {
-    let id = stored.id;
-    let frame = ServerFrame::Message(LiveMessage {
+/// The `message` frame that delivers a stored message live, and its recipient. Takes the
+/// message: its strings move into the frame instead of being copied (this runs for every message
+/// routed), and the recipient comes back out of it.
+pub(crate) fn live_frame(stored: StoredMessage) -> (String, OutFrame) {
+    let live = LiveMessage {
         from: stored.sender,
         from_display_name: stored.sender_display_name,
         to: stored.recipient,
         message: stored.message,
         timestamp: stored.timestamp,
-        id,
+        id: stored.id,
         msg_id: stored.msg_id,
-    });
+    };
+    let text = live.encode_frame().into();
     // Delivery latency is measured from here: the message was committed just before.
-    OutFrame { text: frame.encode().into(), delivers: Some(id), committed: Some(std::time::Instant::now()) }
+    (live.to, OutFrame { text, delivers: Some(live.id), committed: Some(std::time::Instant::now()) })
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
