@@ -75,7 +75,10 @@ pub fn run(socket: WebSocket, state: Arc<AppState>) -> impl Future<Output = ()> 
         id: state.hub.next_conn_id(),
         out,
         tracker: Arc::new(Mutex::new(Tracker::new())),
-        cut_off: CancellationToken::new(),
+        // A child of the server's shutdown token: the writer waits on this one token (its own
+        // lock) instead of also on the token every connection shares, which each wake-up of
+        // each writer locked and queued on.
+        cut_off: state.shutdown.child_token(),
         ended: CancellationToken::new(),
     };
     let writer = Writer::new(sink, &conn, &state);
@@ -98,7 +101,8 @@ struct Conn {
     id: ConnId,
     out: mpsc::Sender<Outbound>,
     tracker: Arc<Mutex<Tracker>>,
-    /// Cancelled by the hub when this connection's queue overflows.
+    /// Cancelled by the hub when this connection's queue overflows, and with the server's
+    /// shutdown token (it is a child of it).
     cut_off: CancellationToken,
     /// Cancelled by the writer when it stops: the reader stops too.
     ended: CancellationToken,

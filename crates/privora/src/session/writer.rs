@@ -55,9 +55,11 @@ pub(super) struct Writer {
     tracker: Arc<Mutex<Tracker>>,
     phase: Phase,
     max_held: usize,
+    /// Cancelled on a cut-off (by the hub) and on a shutdown (it is a child of `shutdown`).
     cut_off: CancellationToken,
     /// Cancelled by the writer when it stops: the reader stops too.
     ended: CancellationToken,
+    /// The server's shutdown token: only looked at once `cut_off` fired, to tell which it was.
     shutdown: CancellationToken,
     ping_interval: Duration,
     /// Least time between two delivery pings (`PRIVORA_DELIVERY_PING_MS`).
@@ -107,8 +109,10 @@ impl Writer {
         loop {
             let wake = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => Wake::Shutdown,
-                _ = self.cut_off.cancelled() => Wake::CutOff,
+                _ = self.cut_off.cancelled() => match self.shutdown.is_cancelled() {
+                    true => Wake::Shutdown,
+                    false => Wake::CutOff,
+                },
                 _ = self.heartbeat.tick() => Wake::Heartbeat,
                 _ = armed(&mut self.delivery_timer), if self.delivery_timer.is_some() => Wake::DeliveryPing,
                 item = queue.recv() => match item {
@@ -159,11 +163,10 @@ impl Writer {
             // A write can block on a peer that does not read; a cut-off or a shutdown must
             // still end the connection then (the unread messages stay pending).
             Wake::Item(first) => {
-                let (cut_off, shutdown) = (self.cut_off.clone(), self.shutdown.clone());
+                let cut_off = self.cut_off.clone();
                 tokio::select! {
                     biased;
                     _ = cut_off.cancelled() => Ok(Flow::Stop),
-                    _ = shutdown.cancelled() => Ok(Flow::Stop),
                     flow = self.drain(first, queue) => flow,
                 }
             }
