@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -95,13 +94,6 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     tokio::spawn(crate::metrics::upkeep(state.shutdown.clone()));
     let app = crate::api::router(state.clone());
     let stop = state.shutdown.clone();
-    // No Nagle: a session writer already gathers what is queued into one write, and a frame
-    // held back until the client's (delayed) ACK of the previous one is latency for nothing.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    });
     let serve = tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(stop.cancelled_owned())
