@@ -94,7 +94,7 @@ fn hub_routing(c: &mut Criterion) {
     group.bench_function("route 1024 frames to online users", |b| {
         b.iter(|| {
             for (user, index) in &targets {
-                hub.send(user, &frame);
+                hub.send(user, frame.clone());
                 while receivers[*index].try_recv().is_ok() {}
             }
         })

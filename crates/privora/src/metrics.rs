@@ -21,7 +21,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use privora_protocol::{Contact, ErrorCode};
 
 use crate::server::AppState;
-use crate::store::{Commit, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use crate::store::{Store, StoreError, StoredMessage, UserRecord, WriteQueue};
 
 const CONNECTIONS: &str = "privora_connections";
 const CONNECTIONS_TOTAL: &str = "privora_connections_total";
@@ -251,11 +251,10 @@ pub fn store_op(op: &'static str, seconds: f64, ok: bool) {
 
 #[async_trait]
 impl Store for MeteredStore {
-    async fn queue_append(&self, message: NewMessage) -> Result<Commit<StoredMessage>, StoreError> {
-        Ok(self.0.queue_append(message).await?.timed("append"))
-    }
-    async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError> {
-        Ok(self.0.queue_delivered(recipient, ids).await?.timed("mark_delivered"))
+    /// The writer's queue times `append` and `mark_delivered` itself (its methods are not
+    /// wrapped here: see `Store::writes`).
+    fn writes(&self) -> &WriteQueue {
+        self.0.writes()
     }
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
         timed("pending", self.0.pending(recipient)).await

@@ -386,7 +386,7 @@ fn deliver(state: &AppState, payload: &[u8]) {
         Ok(envelope) => {
             state.hub.deliver_local(
                 &envelope.u,
-                &OutFrame { text: envelope.t.into(), delivers: envelope.d, committed: None },
+                OutFrame { text: envelope.t.into(), delivers: envelope.d, committed: None },
             );
         }
         Err(error) => tracing::warn!(%error, "ignoring a malformed frame from Redis"),
@@ -400,7 +400,7 @@ async fn catch_up(state: &AppState) {
         match state.store.pending(&user).await {
             Ok(messages) => {
                 for message in messages {
-                    state.hub.deliver_local(&user, &crate::session::live_frame(message).1);
+                    state.hub.deliver_local(&user, crate::session::live_frame(message).1);
                 }
             }
             Err(error) => {

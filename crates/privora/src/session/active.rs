@@ -121,7 +121,7 @@ impl Active {
             Settled::Stored(Ok(stored)) => {
                 metrics::message_in();
                 let (recipient, frame) = live_frame(stored);
-                self.state.hub.send(&recipient, &frame);
+                self.state.hub.send(&recipient, frame);
                 None
             }
             Settled::Stored(Err(error)) => Some(self.conn.error_frame(&Error::from(error))),
@@ -214,6 +214,7 @@ impl Active {
         let commit = self
             .state
             .store
+            .writes()
             .queue_append(NewMessage {
                 sender: self.user_id.clone(),
                 sender_display_name: self.display_name.clone(),
@@ -230,7 +231,7 @@ impl Active {
         let Ok(seq) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else { return };
         let (delivered, more) = lock(&self.conn.tracker).pong(seq);
         if !delivered.is_empty() {
-            match self.state.store.queue_delivered(&self.user_id, delivered).await {
+            match self.state.store.writes().queue_delivered(&self.user_id, delivered).await {
                 Ok(commit) => steps.push_back(Step::Confirm(commit)),
                 // Not fatal: the messages stay pending and come again at the next login.
                 Err(error) => {

@@ -21,7 +21,7 @@ pub(super) struct Online {
 pub(crate) fn announce(state: &AppState, user_id: &str, contacts: &[Contact], status: PresenceStatus) {
     let frame = OutFrame::plain(ServerFrame::Presence { user_id: user_id.to_string(), status }.encode());
     for contact in contacts.iter().filter(|c| c.user_id != user_id) {
-        state.hub.send(&contact.user_id, &frame);
+        state.hub.send(&contact.user_id, frame.clone());
     }
 }
 

@@ -3,13 +3,15 @@
 //! `Store` is the seam between the chat logic and a database; every implementation passes the
 //! same conformance tests (`tests/it/store.rs`). Writes are batched by one writer task per store
 //! (group commit): a caller hears back only after its write is committed. A caller may queue
-//! several writes before waiting for the first (`queue_append`): one writer commits them in the
+//! several writes before waiting for the first (`WriteQueue::queue_append`): one writer commits them in the
 //! order they were queued, so a session keeps its messages in order without waiting a commit
 //! per message.
 
 pub mod postgres;
 pub mod sqlite;
 pub mod writer;
+
+pub use writer::WriteQueue;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -147,22 +149,20 @@ impl<T> Future for Commit<T> {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Queues a message to be committed and marked pending for its recipient; waits only for
-    /// room in the writer's queue. The commit fails with `UnknownRecipient` when the recipient
-    /// is not in the users table.
-    async fn queue_append(&self, message: NewMessage) -> Result<Commit<StoredMessage>, StoreError>;
+    /// The queue of the store's one writer (group commit), where messages and confirmations
+    /// are queued (`queue_append`, `queue_delivered`). Handed out rather than wrapped in trait
+    /// methods: an `async` trait method boxes its future, and these two run for every message
+    /// and every delivery ping.
+    fn writes(&self) -> &WriteQueue;
 
-    /// Queues "the recipient has these messages": they are no longer pending.
-    async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError>;
-
-    /// `queue_append`, then waits for the commit.
+    /// Queues a message and waits for its commit (`WriteQueue::queue_append`).
     async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
-        self.queue_append(message).await?.await
+        self.writes().queue_append(message).await?.await
     }
 
-    /// `queue_delivered`, then waits for the commit.
+    /// Queues "the recipient has these messages" and waits for its commit.
     async fn mark_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<(), StoreError> {
-        self.queue_delivered(recipient, ids).await?.await
+        self.writes().queue_delivered(recipient, ids).await?.await
     }
 
     /// Every message still pending for `recipient`, oldest first.

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use super::sqlite::now_iso8601;
 use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
-use super::{contacts_by_name, Commit, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use super::{contacts_by_name, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -86,12 +86,8 @@ const MESSAGE_COLUMNS: &str = "id, sender, sender_display_name, recipient, messa
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn queue_append(&self, message: NewMessage) -> Result<Commit<StoredMessage>, StoreError> {
-        self.writes.queue_append(message).await
-    }
-
-    async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError> {
-        self.writes.queue_delivered(recipient, ids).await
+    fn writes(&self) -> &WriteQueue {
+        &self.writes
     }
 
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {

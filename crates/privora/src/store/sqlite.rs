@@ -32,7 +32,7 @@ use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::writer::{Reply, WriteOp, WriteQueue, WRITER_CACHE};
-use super::{contacts_by_name, Commit, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use super::{contacts_by_name, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 
 /// How a search text is put to the FTS5 trigram index (`users_search`).
 #[derive(Debug, PartialEq)]
@@ -303,12 +303,8 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn queue_append(&self, message: NewMessage) -> Result<Commit<StoredMessage>, StoreError> {
-        self.writes.queue_append(message).await
-    }
-
-    async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError> {
-        self.writes.queue_delivered(recipient, ids).await
+    fn writes(&self) -> &WriteQueue {
+        &self.writes
     }
 
     // Every read below is one statement, so one snapshot: `index_state`, the indexes and the

@@ -61,12 +61,15 @@ impl WriteQueue {
         Ok(Commit::new(answer))
     }
 
-    /// `Store::queue_append`, for every store that writes through this queue.
+    /// Queues a message to be committed and marked pending for its recipient; waits only for
+    /// room in the queue. The commit fails with `UnknownRecipient` when the recipient is not in
+    /// the users table. Timed in `privora_store_latency_seconds` as `append`.
     pub async fn queue_append(&self, message: NewMessage) -> Result<Commit<StoredMessage>, StoreError> {
-        self.queue(|reply| WriteOp::Append(message, reply)).await
+        Ok(self.queue(|reply| WriteOp::Append(message, reply)).await?.timed("append"))
     }
 
-    /// `Store::queue_delivered`, for every store that writes through this queue.
+    /// Queues "the recipient has these messages": they are no longer pending. Timed as
+    /// `mark_delivered`.
     pub async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError> {
         if ids.is_empty() {
             let (reply, answer) = oneshot::channel();
@@ -74,7 +77,7 @@ impl WriteQueue {
             return Ok(Commit::new(answer));
         }
         let recipient = recipient.to_string();
-        self.queue(|reply| WriteOp::Delivered { recipient, ids, reply }).await
+        Ok(self.queue(|reply| WriteOp::Delivered { recipient, ids, reply }).await?.timed("mark_delivered"))
     }
 
     /// `Store::upsert_user`, for every store that writes through this queue.
