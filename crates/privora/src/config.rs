@@ -56,10 +56,16 @@ pub struct Settings {
     #[arg(long, global = true, env = "PRIVORA_PING_INTERVAL", default_value_t = 25)]
     pub ping_interval: u64,
 
-    /// Least milliseconds between two delivery pings on one connection: how long a busy
-    /// connection's messages may wait to be confirmed delivered (they stay pending until then).
+    /// Least milliseconds between two delivery pings on one connection: how long a message to
+    /// a connection that is not busy may wait to be confirmed delivered (it stays pending until
+    /// then).
     #[arg(long, global = true, env = "PRIVORA_DELIVERY_PING_MS", default_value_t = 100)]
     pub delivery_ping_ms: u64,
+
+    /// Most milliseconds between two delivery pings on a busy connection: the spacing doubles
+    /// from `PRIVORA_DELIVERY_PING_MS` up to this while deliveries keep waiting for it.
+    #[arg(long, global = true, env = "PRIVORA_DELIVERY_PING_MAX_MS", default_value_t = 1000)]
+    pub delivery_ping_max_ms: u64,
 
     /// Seconds a new connection has to send `login`.
     #[arg(long, global = true, env = "PRIVORA_LOGIN_TIMEOUT", default_value_t = 10)]
@@ -251,6 +257,8 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Least time between two delivery pings of a connection (`Writer::delivery_ping_due`).
     pub delivery_ping_spacing: Duration,
+    /// Most time between two delivery pings of a busy connection.
+    pub delivery_ping_max_spacing: Duration,
     pub login_timeout: Duration,
     pub rate_limit: Option<RateLimit>,
     pub outbound_queue: usize,
@@ -369,6 +377,12 @@ impl Settings {
             self.delivery_ping_ms.to_string(),
         )?;
         range(
+            "PRIVORA_DELIVERY_PING_MAX_MS",
+            "between PRIVORA_DELIVERY_PING_MS and 60000 milliseconds",
+            (self.delivery_ping_ms..=60_000).contains(&self.delivery_ping_max_ms),
+            self.delivery_ping_max_ms.to_string(),
+        )?;
+        range(
             "PRIVORA_LOGIN_TIMEOUT",
             "between 1 and 300 seconds",
             (1..=300).contains(&self.login_timeout),
@@ -412,6 +426,7 @@ impl Settings {
             max_recipient_chars: 320,
             ping_interval: Duration::from_secs(self.ping_interval),
             delivery_ping_spacing: Duration::from_millis(self.delivery_ping_ms),
+            delivery_ping_max_spacing: Duration::from_millis(self.delivery_ping_max_ms),
             login_timeout: Duration::from_secs(self.login_timeout),
             rate_limit,
             outbound_queue: self.outbound_queue,

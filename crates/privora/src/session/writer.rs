@@ -62,8 +62,9 @@ pub(super) struct Writer {
     /// The server's shutdown token: only looked at once `cut_off` fired, to tell which it was.
     shutdown: CancellationToken,
     ping_interval: Duration,
-    /// Least time between two delivery pings (`PRIVORA_DELIVERY_PING_MS`).
-    delivery_ping_spacing: Duration,
+    /// How far apart delivery pings are kept now: between the least (`PRIVORA_DELIVERY_PING_MS`)
+    /// and the most (`PRIVORA_DELIVERY_PING_MAX_MS`), see `delivery_ping_due`.
+    delivery_ping_spacing: Spacing,
     heartbeat: Interval,
     /// When the last ping that carried deliveries went out.
     last_delivery_ping: Option<Instant>,
@@ -89,7 +90,10 @@ impl Writer {
             ended: conn.ended.clone(),
             shutdown: state.shutdown.clone(),
             ping_interval,
-            delivery_ping_spacing: state.config.delivery_ping_spacing,
+            delivery_ping_spacing: Spacing::new(
+                state.config.delivery_ping_spacing,
+                state.config.delivery_ping_max_spacing,
+            ),
             heartbeat,
             last_delivery_ping: None,
             delivery_timer: None,
@@ -200,11 +204,11 @@ impl Writer {
 
     /// Whether to send a delivery ping now, and its sequence number if so.
     ///
-    /// One delivery ping at a time, and at most one per `delivery_ping_spacing`: a connection
-    /// that receives a message now and then has it confirmed at once, while a busy one has its
-    /// messages confirmed in groups, not a ping and a pong (and a store write) per message.
-    /// Deliveries that must wait arm a timer for when the spacing has passed. `force` skips both
-    /// rules: a ping for whatever was written goes out, if anything was.
+    /// One delivery ping at a time, and at most one per spacing: a connection that receives a
+    /// message now and then has it confirmed at once, while a busy one has its messages
+    /// confirmed in groups, not a ping and a pong (and a store write) per message. Deliveries
+    /// that must wait arm a timer for when the spacing has passed. `force` skips both rules: a
+    /// ping for whatever was written goes out, if anything was.
     fn delivery_ping_due(&mut self, force: bool) -> Option<u64> {
         let mut tracker = lock(&self.tracker);
         let wanted = if force { !tracker.unpinged.is_empty() } else { tracker.wants_delivery_ping() };
@@ -212,14 +216,18 @@ impl Writer {
             return None;
         }
         let now = Instant::now();
-        match self.last_delivery_ping.map(|last| last + self.delivery_ping_spacing) {
+        match self.last_delivery_ping.map(|last| last + self.delivery_ping_spacing.now) {
             Some(next) if now < next && !force => {
+                self.delivery_ping_spacing.waited = true;
                 if self.delivery_timer.is_none() {
                     self.delivery_timer = Some(Box::pin(tokio::time::sleep_until(next)));
                 }
                 None
             }
             _ => {
+                if !force {
+                    self.delivery_ping_spacing.next();
+                }
                 self.last_delivery_ping = Some(now);
                 Some(tracker.ping())
             }
@@ -306,6 +314,38 @@ impl Writer {
     }
 }
 
+/// The spacing between a connection's delivery pings. It doubles, up to the most, each time
+/// deliveries had to wait for it, and drops back to the least once deliveries find it passed.
+///
+/// Every delivery ping costs the client a pong (a `sendto` of its own) and the server a read
+/// and a store write; at the least spacing a busy connection paid that ten times a second. A
+/// busy connection's messages are now confirmed about once a second (so a reconnect may bring
+/// back up to a second of them, never fewer than were unconfirmed), while one that hears a
+/// message now and then still has it confirmed at once. XMPP servers make the same trade by
+/// count instead (stream management acks: jackal asks every 25 stanzas, MongooseIM's `ack_freq`
+/// sets it).
+pub(super) struct Spacing {
+    least: Duration,
+    most: Duration,
+    now: Duration,
+    /// Deliveries waited for the spacing to pass since the last delivery ping.
+    waited: bool,
+}
+
+impl Spacing {
+    pub(super) fn new(least: Duration, most: Duration) -> Spacing {
+        Spacing { least, most: most.max(least), now: least, waited: false }
+    }
+
+    /// A delivery ping goes out: the spacing to keep before the next one.
+    fn next(&mut self) {
+        self.now = match std::mem::take(&mut self.waited) {
+            true => (self.now * 2).min(self.most),
+            false => self.least,
+        };
+    }
+}
+
 fn ping_frame(seq: u64) -> Message {
     Message::Ping(seq.to_be_bytes().to_vec().into())
 }
@@ -314,5 +354,25 @@ fn ping_frame(seq: u64) -> Message {
 async fn armed(timer: &mut Option<Pin<Box<Sleep>>>) {
     if let Some(timer) = timer {
         timer.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spacing_grows_while_deliveries_wait_and_drops_back_when_they_do_not() {
+        let ms = Duration::from_millis;
+        let mut spacing = Spacing::new(ms(100), ms(1000));
+        spacing.next();
+        assert_eq!(spacing.now, ms(100), "a quiet connection keeps the least spacing");
+        for expected in [200, 400, 800, 1000, 1000] {
+            spacing.waited = true;
+            spacing.next();
+            assert_eq!(spacing.now, ms(expected));
+        }
+        spacing.next();
+        assert_eq!(spacing.now, ms(100), "deliveries that did not wait: back to the least");
     }
 }
