@@ -119,6 +119,17 @@ async fn conformance(store: &dyn Store) {
     assert_eq!(found, vec![Contact { user_id: "e".into(), display_name: "EMILE Dubois".into() }]);
     assert!(store.search_users("benjamins", 10).await.unwrap().is_empty());
 
+    // One confirmation of several messages (with the folding stores, some folded and some still
+    // in the tail), among them one the confirming user did not receive: only its own settle.
+    let mut more = Vec::new();
+    for i in 0..3 {
+        more.push(store.append(message("c", "b", &format!("more {i}"))).await.unwrap());
+    }
+    let to_a = store.append(message("b", "a", "to a")).await.unwrap();
+    store.mark_delivered("b", vec![second.id, more[0].id, more[2].id, to_a.id]).await.unwrap();
+    assert_eq!(ids(store.pending("b").await.unwrap()), vec![more[1].id]);
+    assert_eq!(ids(store.pending("a").await.unwrap()), vec![third.id, to_a.id]);
+
     store.check().await.unwrap();
     store.close().await;
     assert!(matches!(store.append(message("a", "b", "late")).await, Err(StoreError::Closed)));
