@@ -1014,15 +1014,12 @@ impl<'tx> BatchStatements<'tx> {
                 "INSERT INTO messages (id, sender, sender_display_name, recipient, message, timestamp, client_msg_id)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?,
-            // Still in the tail: the fold will not make them pending. One statement for all
-            // the ids a pong confirms (a JSON array), not one per id.
+            // Still in the tail: the fold will not make it pending.
             delivered_in_tail: tx.prepare_cached(
                 "INSERT OR IGNORE INTO delivered (message_id)
-                 SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?1)) AND recipient = ?2",
+                 SELECT id FROM messages WHERE id = ?1 AND recipient = ?2",
             )?,
-            delete_pending: tx.prepare_cached(
-                "DELETE FROM pending WHERE recipient = ?1 AND message_id IN (SELECT value FROM json_each(?2))",
-            )?,
+            delete_pending: tx.prepare_cached("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")?,
         })
     }
 }
@@ -1070,12 +1067,12 @@ fn mark_delivered(
     recipient: &str,
     ids: &[i64],
 ) -> rusqlite::Result<()> {
-    let (in_tail, folded): (Vec<i64>, Vec<i64>) = ids.iter().partition(|&&id| id > indexed_upto);
-    if !in_tail.is_empty() {
-        statements.delivered_in_tail.execute(rusqlite::params![to_json(&in_tail), recipient])?;
-    }
-    if !folded.is_empty() {
-        statements.delete_pending.execute(rusqlite::params![recipient, to_json(&folded)])?;
+    for &id in ids {
+        if id > indexed_upto {
+            statements.delivered_in_tail.execute(rusqlite::params![id, recipient])?;
+        } else {
+            statements.delete_pending.execute(rusqlite::params![recipient, id])?;
+        }
     }
     Ok(())
 }
