@@ -30,7 +30,7 @@ pub async fn connect(url: &str) -> anyhow::Result<Ws> {
 /// Sends `login` and returns once the server has sent `contacts`. Every frame before it is
 /// handed to `before` (the catch-up scenario counts `offline` frames there).
 pub async fn log_in(ws: &mut Ws, token: &str, mut before: impl FnMut(&ServerFrame)) -> anyhow::Result<()> {
-    ws.send(text(&ClientFrame::Login { token: token.to_string() })).await?;
+    ws.send(text(&ClientFrame::Login { token: token.to_string(), acks: false })).await?;
     tokio::time::timeout(LOGIN_TIMEOUT, async {
         while let Some(message) = ws.next().await {
             let Message::Text(text) = message? else { continue };

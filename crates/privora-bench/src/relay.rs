@@ -73,7 +73,7 @@ async fn connection(stream: TcpStream, relay: Arc<Relay>) {
     while let Some(Ok(message)) = stream.next().await {
         let Message::Text(text) = message else { continue };
         match (ClientFrame::decode(&text), &user) {
-            (Ok(ClientFrame::Login { token }), None) => {
+            (Ok(ClientFrame::Login { token, .. }), None) => {
                 relay.users.write().unwrap_or_else(|e| e.into_inner()).insert(token.clone(), out.clone());
                 let contacts = ServerFrame::Contacts { contacts: Vec::new() }.encode();
                 let _ = out.send(Message::Text(contacts.into())).await;

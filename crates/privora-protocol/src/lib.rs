@@ -17,7 +17,13 @@ pub const MAX_MSG_ID_LEN: usize = 128;
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ClientFrame {
     /// Must come first; `token` is a Firebase ID token (or a development token).
-    Login { token: String },
+    Login {
+        token: String,
+        /// Opt-in, for clients newer than the original: every `message` frame is then answered,
+        /// in frame order, by an `ack` once the message is stored or by an `error` when it is not.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        acks: bool,
+    },
     /// A one-to-one message. `msg_id` is the client's own id, carried through unchanged.
     Message {
         to: String,
@@ -65,6 +71,7 @@ struct Fields {
     message: Option<String>,
     token: Option<String>,
     msg_id: Option<Value>,
+    acks: Option<bool>,
 }
 
 impl ClientFrame {
@@ -100,7 +107,7 @@ impl ClientFrame {
                 };
                 Some(ClientFrame::Message { to: fields.to?, message: fields.message?, msg_id })
             }
-            "login" => Some(ClientFrame::Login { token: fields.token? }),
+            "login" => Some(ClientFrame::Login { token: fields.token?, acks: fields.acks.unwrap_or(false) }),
             "ping" => Some(ClientFrame::Ping),
             _ => None,
         }
@@ -119,7 +126,15 @@ impl ClientFrame {
             None => return Err(DecodeError::BadFrame("frame has no \"type\" field".into())),
         };
         match ty.as_str() {
-            "login" => Ok(ClientFrame::Login { token: take_string(&mut fields, "token")? }),
+            "login" => {
+                let token = take_string(&mut fields, "token")?;
+                let acks = match fields.remove("acks") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(acks)) => acks,
+                    Some(_) => return Err(DecodeError::BadFrame("field \"acks\" must be true or false".into())),
+                };
+                Ok(ClientFrame::Login { token, acks })
+            }
             "message" => {
                 let to = take_string(&mut fields, "to")?;
                 let message = take_string(&mut fields, "message")?;
@@ -183,6 +198,16 @@ pub enum ServerFrame {
     },
     /// Answer to a client `ping`.
     Pong,
+    /// The client's message is stored (committed) under `id`: sent only to clients that asked
+    /// for acks at login, in the order of their `message` frames.
+    Ack {
+        id: i64,
+        /// When it was stored, as the recipient sees it.
+        timestamp: String,
+        /// The client's own id for the message, unchanged, when it sent one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        msg_id: Option<Value>,
+    },
     /// Something the client sent was refused; the connection stays open unless said otherwise.
     Error { code: ErrorCode, message: String },
 }
@@ -345,7 +370,11 @@ mod tests {
     fn decodes_the_original_frames() {
         assert_eq!(
             ClientFrame::decode(r#"{"type":"login","token":"abc"}"#),
-            Ok(ClientFrame::Login { token: "abc".into() })
+            Ok(ClientFrame::Login { token: "abc".into(), acks: false })
+        );
+        assert_eq!(
+            ClientFrame::decode(r#"{"type":"login","token":"abc","acks":true}"#),
+            Ok(ClientFrame::Login { token: "abc".into(), acks: true })
         );
         assert_eq!(
             ClientFrame::decode(
@@ -376,6 +405,9 @@ mod tests {
             r#"{"type":"message","to":"b","message":5}"#,
             r#"{"type":"message","to":"b\u00e9\n","message":"\ud83d\ude00"}"#,
             r#"{"type":"login","token":"t"}"#,
+            r#"{"type":"login","token":"t","acks":true}"#,
+            r#"{"type":"login","token":"t","acks":null}"#,
+            r#"{"type":"login","token":"t","acks":"yes"}"#,
             r#"{"type":"login","token":"t","type":"ping"}"#,
             r#"{"type":"login"}"#,
             r#"{"type":"ping","extra":[1,{"a":2}]}"#,
@@ -410,6 +442,7 @@ mod tests {
         assert!(bad(r#"{"type":"message","message":"hi"}"#).contains("\"to\""));
         assert!(bad(r#"{"type":"message","to":"b","message":5}"#).contains("\"message\" must be a string"));
         assert!(bad(r#"{"type":"message","to":"b","message":"m","msg_id":{}}"#).contains("msg_id"));
+        assert!(bad(r#"{"type":"login","token":"t","acks":1}"#).contains("\"acks\" must be true or false"));
         assert_eq!(
             ClientFrame::decode(r#"{"type":"reaction","emoji":"+1"}"#),
             Err(DecodeError::UnknownType("reaction".into()))
@@ -436,6 +469,8 @@ mod tests {
         let presence = ServerFrame::Presence { user_id: "a".into(), status: PresenceStatus::Online };
         assert_eq!(presence.encode(), r#"{"type":"presence","userId":"a","status":"online"}"#);
         assert_eq!(ServerFrame::Pong.encode(), r#"{"type":"pong"}"#);
+        let ack = ServerFrame::Ack { id: 42, timestamp: "2026-11-26T09:41:02.512Z".into(), msg_id: None };
+        assert_eq!(ack.encode(), r#"{"type":"ack","id":42,"timestamp":"2026-11-26T09:41:02.512Z"}"#);
         assert_eq!(
             ServerFrame::error(ErrorCode::BadFrame, "x").encode(),
             r#"{"type":"error","code":"bad_frame","message":"x"}"#

@@ -18,12 +18,12 @@ use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::SplitStream;
-use privora_protocol::ClientFrame;
+use privora_protocol::{ClientFrame, ServerFrame};
 
 use super::presence::Online;
 use super::{binary_frame, live_frame, lock, Conn};
 use crate::error::Error;
-use crate::hub::Outbound;
+use crate::hub::{OutFrame, Outbound};
 use crate::metrics;
 use crate::server::AppState;
 use crate::store::{Commit, NewMessage, StoreError, StoredMessage};
@@ -40,6 +40,8 @@ pub(super) struct Active {
     pub(super) user_id: String,
     pub(super) display_name: String,
     pub(super) limiter: Option<RateLimiter>,
+    /// The client asked for an `ack` of each message stored (opt-in at login).
+    pub(super) acks: bool,
     pub(super) _online: Online,
 }
 
@@ -120,9 +122,10 @@ impl Active {
         match settled {
             Settled::Stored(Ok(stored)) => {
                 metrics::message_in();
+                let ack = self.acks.then(|| ack_frame(&stored));
                 let (recipient, frame) = live_frame(stored);
                 self.state.hub.send(&recipient, frame);
-                None
+                ack
             }
             Settled::Stored(Err(error)) => Some(self.conn.error_frame(&Error::from(error))),
             Settled::Confirmed(Ok(())) => None,
@@ -243,6 +246,13 @@ impl Active {
             let _ = self.conn.out.try_send(Outbound::PingNow);
         }
     }
+}
+
+/// The `ack` of a stored message, for a client that asked for acks.
+fn ack_frame(stored: &StoredMessage) -> Outbound {
+    let frame =
+        ServerFrame::Ack { id: stored.id, timestamp: stored.timestamp.clone(), msg_id: stored.msg_id.clone() };
+    Outbound::Own(Box::new(OutFrame::plain(frame.encode())))
 }
 
 /// Waits for the oldest step to settle and takes it off the queue; never resolves while the

@@ -58,14 +58,14 @@ impl AwaitingLogin {
                 continue;
             }
             match ClientFrame::decode(&text) {
-                Ok(ClientFrame::Login { token }) => return self.log_in(&token).await,
+                Ok(ClientFrame::Login { token, acks }) => return self.log_in(&token, acks).await,
                 Ok(_) => self.conn.error(&Error::LoginRequired).await,
                 Err(error) => self.conn.error(&error.into()).await,
             }
         }
     }
 
-    async fn log_in(self, token: &str) -> Option<Active> {
+    async fn log_in(self, token: &str, acks: bool) -> Option<Active> {
         let identity = match self.state.verifier.verify(token).await {
             Ok(identity) => identity,
             Err(reason) => {
@@ -91,6 +91,7 @@ impl AwaitingLogin {
                 conn: self.conn,
                 user_id,
                 display_name,
+                acks,
                 _online: online,
             }),
             Err(error) => {

@@ -224,3 +224,35 @@ async fn a_burst_from_one_sender_is_stored_and_answered_in_order() {
         last_id = id;
     }
 }
+
+/// A newer client asks for acks at login: each message it sends is answered, in order, by an
+/// `ack` naming the stored message (with its own `msg_id`) or by an `error` when it was not
+/// stored. A client that did not ask never sees an `ack`.
+#[tokio::test]
+async fn a_client_that_asks_for_acks_hears_each_message_stored_or_refused_in_order() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login_with_acks("alice").await;
+    let (mut bob, _) = server.login("bob").await;
+    alice.send_json(json!({"type": "message", "to": "bob", "message": "one", "msg_id": "c-1"})).await;
+    alice.message("nobody", "refused").await;
+    alice.send_json(json!({"type": "message", "to": "bob", "message": "two", "msg_id": 7})).await;
+    alice.message("bob", "three").await;
+
+    let one = alice.expect_type("ack").await;
+    assert_eq!(one["msg_id"], "c-1");
+    assert_eq!(alice.expect_type("error").await["code"], "unknown_recipient");
+    let two = alice.expect_type("ack").await;
+    assert_eq!(two["msg_id"], 7);
+    let three = alice.expect_type("ack").await;
+    assert!(three.get("msg_id").is_none(), "no msg_id sent, none in the ack: {three}");
+    // Each ack names the message as its recipient has it.
+    for ack in [&one, &two, &three] {
+        let received = bob.expect_type("message").await;
+        assert_eq!((&received["id"], &received["timestamp"]), (&ack["id"], &ack["timestamp"]));
+    }
+    // Bob did not ask for acks: his own message gets none.
+    bob.message("alice", "back").await;
+    assert_eq!(alice.expect_type("message").await["message"], "back");
+    bob.expect_silence().await;
+    alice.expect_silence().await;
+}

@@ -197,6 +197,15 @@ impl TestServer {
         self.login_as(user, Some(user)).await
     }
 
+    /// Connects and logs in as `user` asking for acks, as newer clients may.
+    pub async fn login_with_acks(&self, user: &str) -> (Client, Burst) {
+        let mut client = self.connect().await;
+        let token = self.token(user, Some(user));
+        client.send_json(serde_json::json!({"type": "login", "token": token, "acks": true})).await;
+        let burst = client.login_burst().await;
+        (client, burst)
+    }
+
     pub async fn login_as(&self, user: &str, name: Option<&str>) -> (Client, Burst) {
         let mut client = self.connect().await;
         let burst = client.log_in(&self.token(user, name)).await;
