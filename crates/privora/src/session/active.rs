@@ -116,8 +116,9 @@ impl Active {
     }
 
     /// Acts on a settled step: routes a committed message; returns the frame to queue for the
-    /// client (a refusal, a `pong`, an `ack` if it asked for acks), if any. Not async, so that routing a committed message, what
-    /// nearly every step comes to, takes no future (nor its allocation) of its own.
+    /// client (a refusal, a `pong`, an `ack` if it asked for acks), if any. Not async, so that
+    /// routing a committed message, what nearly every step comes to, takes no future (nor its
+    /// allocation) of its own.
     fn settled(&mut self, settled: Settled) -> Option<Outbound> {
         match settled {
             Settled::Stored(Ok(stored)) => {
