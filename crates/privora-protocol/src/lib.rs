@@ -131,7 +131,9 @@ impl ClientFrame {
                 let acks = match fields.remove("acks") {
                     None | Some(Value::Null) => false,
                     Some(Value::Bool(acks)) => acks,
-                    Some(_) => return Err(DecodeError::BadFrame("field \"acks\" must be true or false".into())),
+                    Some(_) => {
+                        return Err(DecodeError::BadFrame("field \"acks\" must be true or false".into()))
+                    }
                 };
                 Ok(ClientFrame::Login { token, acks })
             }

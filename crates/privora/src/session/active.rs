@@ -251,8 +251,11 @@ impl Active {
 
 /// The `ack` of a stored message, for a client that asked for acks.
 fn ack_frame(stored: &StoredMessage) -> Outbound {
-    let frame =
-        ServerFrame::Ack { id: stored.id, timestamp: stored.timestamp.clone(), msg_id: stored.msg_id.clone() };
+    let frame = ServerFrame::Ack {
+        id: stored.id,
+        timestamp: stored.timestamp.clone(),
+        msg_id: stored.msg_id.clone(),
+    };
     Outbound::Own(Box::new(OutFrame::plain(frame.encode())))
 }
 
