@@ -16,7 +16,7 @@
 //! return many messages (pending, latest) use as many read-only rusqlite connections of their
 //! own on blocking threads (`MessageLists`).
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
