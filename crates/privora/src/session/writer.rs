@@ -216,7 +216,7 @@ impl Writer {
             return None;
         }
         let now = Instant::now();
-        match self.last_delivery_ping.map(|last| last + self.delivery_ping_spacing.now) {
+        match self.last_delivery_ping.map(|last| last + self.delivery_ping_spacing.current) {
             Some(next) if now < next && !force => {
                 self.delivery_ping_spacing.waited = true;
                 if self.delivery_timer.is_none() {
@@ -327,20 +327,20 @@ impl Writer {
 pub(super) struct Spacing {
     least: Duration,
     most: Duration,
-    now: Duration,
+    current: Duration,
     /// Deliveries waited for the spacing to pass since the last delivery ping.
     waited: bool,
 }
 
 impl Spacing {
     pub(super) fn new(least: Duration, most: Duration) -> Spacing {
-        Spacing { least, most: most.max(least), now: least, waited: false }
+        Spacing { least, most: most.max(least), current: least, waited: false }
     }
 
     /// A delivery ping goes out: the spacing to keep before the next one.
     fn next(&mut self) {
-        self.now = match std::mem::take(&mut self.waited) {
-            true => (self.now * 2).min(self.most),
+        self.current = match std::mem::take(&mut self.waited) {
+            true => (self.current * 2).min(self.most),
             false => self.least,
         };
     }
@@ -366,13 +366,13 @@ mod tests {
         let ms = Duration::from_millis;
         let mut spacing = Spacing::new(ms(100), ms(1000));
         spacing.next();
-        assert_eq!(spacing.now, ms(100), "a quiet connection keeps the least spacing");
+        assert_eq!(spacing.current, ms(100), "a quiet connection keeps the least spacing");
         for expected in [200, 400, 800, 1000, 1000] {
             spacing.waited = true;
             spacing.next();
-            assert_eq!(spacing.now, ms(expected));
+            assert_eq!(spacing.current, ms(expected));
         }
         spacing.next();
-        assert_eq!(spacing.now, ms(100), "deliveries that did not wait: back to the least");
+        assert_eq!(spacing.current, ms(100), "deliveries that did not wait: back to the least");
     }
 }
