@@ -3,9 +3,9 @@
 //! `Store` is the seam between the chat logic and a database; every implementation passes the
 //! same conformance tests (`tests/it/store.rs`). Writes are batched by one writer task per store
 //! (group commit): a caller hears back only after its write is committed. A caller may queue
-//! several writes before waiting for the first (`WriteQueue::queue_append`): one writer commits them in the
-//! order they were queued, so a session keeps its messages in order without waiting a commit
-//! per message.
+//! several writes before waiting for the first (`WriteQueue::queue_append`): one writer commits
+//! them in the order they were queued, so a session keeps its messages in order without waiting
+//! a commit per message.
 
 pub mod postgres;
 pub mod sqlite;
