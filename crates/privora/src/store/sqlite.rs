@@ -9,7 +9,8 @@
 //! messages and partners (`timeline_chunks`, `pending`, `contact_chunks`) are brought up to date
 //! by the same thread in sorted folds every few thousand messages; reads add the short unfolded
 //! tail by scanning it (see migrations/sqlite/0002_indexed_tail.sql for why, and 0003 and 0004
-//! for the chunks).
+//! for the chunks). A fold writes its users' rows in fold order (`fold_rows`, 0005), and every
+//! few folds the writer moves them into the per-user chunks, a slice of users at a time.
 //!
 //! Reads go through a small pool of read-only sqlx connections, which WAL lets run beside the
 //! writer, each on its own thread, so nothing here blocks the async runtime. The two reads that
@@ -105,6 +106,10 @@ pub struct IndexPolicy {
     /// `interval` has passed since the last fold.
     pub idle_chunk: i64,
     pub interval: Duration,
+    /// Folds whose rows wait in `fold_rows` before the writer moves them into the per-user
+    /// chunks (migration 0005). More folds per compaction write each user's chunk pages less
+    /// often; a read looks a user's rows up once per waiting fold.
+    pub compact_folds: usize,
 }
 
 impl Default for IndexPolicy {
@@ -115,6 +120,7 @@ impl Default for IndexPolicy {
             idle_rate: 8_000.0,
             idle_chunk: 1024,
             interval: Duration::from_secs(1),
+            compact_folds: 8,
         }
     }
 }
@@ -204,6 +210,23 @@ impl MessageLists {
                 )?
                 .query_map(rusqlite::params![user, limit], |row| row.get::<_, i64>(0))?
                 .collect::<rusqlite::Result<Vec<i64>>>()?;
+            // The folds' rows not yet moved into the chunks: only ids newer than the newest chunk
+            // (a compaction under way leaves moved rows in place until it ends).
+            let newest: i64 = snapshot
+                .prepare_cached("SELECT coalesce(max(last_id), 0) FROM timeline_chunks WHERE user_id = ?1")?
+                .query_row([&user], |row| row.get(0))?;
+            let mut recent = snapshot.prepare_cached(
+                "SELECT ids FROM fold_rows
+                 WHERE user_id = ?1 AND fold IN (SELECT fold FROM recent_folds) ORDER BY fold DESC",
+            )?;
+            let mut rows = recent.query([&user])?;
+            while ids.len() < wanted {
+                let Some(row) = rows.next()? else { break };
+                let fold: Vec<i64> = from_json(row.get_ref(0)?.as_str()?)?;
+                let left = wanted - ids.len();
+                ids.extend(fold.iter().rev().take_while(|&&id| id > newest).take(left));
+            }
+            drop(rows);
             let mut chunks = snapshot
                 .prepare_cached("SELECT ids FROM timeline_chunks WHERE user_id = ?1 ORDER BY last_id DESC")?;
             let mut rows = chunks.query([&user])?;
@@ -331,6 +354,9 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "SELECT p.partner_id, u.display_name FROM (
                  SELECT j.value AS partner_id FROM contact_chunks c, json_each(c.partners) j WHERE c.user_id = ?1
+                 UNION
+                 SELECT j.value FROM fold_rows r, json_each(r.partners) j
+                 WHERE r.user_id = ?1 AND r.fold IN (SELECT fold FROM recent_folds)
                  UNION
                  SELECT recipient FROM messages
                  WHERE id > (SELECT indexed_upto FROM index_state) AND sender = ?1
@@ -483,7 +509,23 @@ struct Writer {
     /// Conversation pairs already in `contact_chunks`.
     known_pairs: KnownPairs,
     last_fold: Instant,
+    /// How many folds have rows in `fold_rows` (counted afresh when a compaction ends).
+    recent_folds: usize,
+    /// The compaction under way, if any.
+    compaction: Option<Compaction>,
     policy: IndexPolicy,
+}
+
+/// Users to compact per transaction: each costs a page or two of chunks, so a slice keeps
+/// appends waiting a few milliseconds at most.
+const COMPACTION_SLICE: usize = 128;
+
+/// A compaction under way: moving the rows of the folds up to `upto` from `fold_rows` into the
+/// per-user chunks, a slice of users per transaction, between batches.
+struct Compaction {
+    upto: i64,
+    /// The users whose rows are still to be moved, in reverse key order (taken from the end).
+    users: Vec<String>,
 }
 
 /// Most conversation pairs the writer remembers (about 10 MB at most); past that it forgets
@@ -548,8 +590,11 @@ impl Writer {
             contact_chunks: HashMap::new(),
             known_pairs: KnownPairs::default(),
             last_fold: Instant::now(),
+            recent_folds: 0,
+            compaction: None,
             policy,
         };
+        writer.recent_folds = writer.count_recent_folds()?;
         // A tail left by the last run (a crash, or a stop between folds) is folded now.
         loop {
             writer.fold(policy.chunk)?;
@@ -563,7 +608,8 @@ impl Writer {
     fn run(mut self, mut queue: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         // When to look at the tail again if nothing arrives; None: nothing to fold, wait on.
-        let mut due: Option<Instant> = None;
+        // At once at the start: a compaction may have been left waiting by the last run.
+        let mut due: Option<Instant> = Some(Instant::now());
         loop {
             let first = match due {
                 None => queue.blocking_recv(),
@@ -625,8 +671,17 @@ impl Writer {
                 return Some(Instant::now() + self.policy.interval);
             }
         }
+        if let Err(error) = self.compact_slice() {
+            // Nothing is lost: the rows stay in `fold_rows` and the next compaction moves them.
+            tracing::error!(%error, "moving fold rows into the per-user chunks failed");
+            self.contact_chunks.clear();
+            self.compaction = None;
+            return Some(Instant::now() + self.policy.interval);
+        }
         let tail = self.next_id - 1 - self.indexed_upto;
         match (tail, limit) {
+            // Nothing to fold; a compaction under way goes on while the queue is empty.
+            (0, _) if self.compaction.is_some() => Some(Instant::now()),
             (0, _) => None,
             // More to fold: go on at once unless a write is waiting.
             (_, Some(_)) => Some(Instant::now()),
@@ -757,9 +812,9 @@ impl Writer {
 
     /// Folds the tail into the indexes in one transaction. The tail is read once, in id order,
     /// and each index gets its rows in key order, so a B-tree page is written once per fold, not
-    /// once per message: `timeline_chunks` one row per user touched (see migration 0003),
-    /// `pending` one per message not confirmed by now (in `delivered`), `contact_chunks` one per
-    /// user touched (see migration 0004).
+    /// once per message: `fold_rows` one row per user touched, at the end of the table (see
+    /// migration 0005; compaction later moves them into `timeline_chunks` and `contact_chunks`),
+    /// `pending` one per message not confirmed by now (in `delivered`).
     fn fold(&mut self, limit: i64) -> rusqlite::Result<()> {
         self.last_fold = Instant::now();
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
@@ -771,33 +826,31 @@ impl Writer {
         let tail = Tail::read(&tx, self.indexed_upto, top)?;
         let numbers: Vec<u32> = tail.users.iter().map(|user| self.known_pairs.number(user)).collect();
         {
-            let mut insert =
-                tx.prepare_cached("INSERT INTO timeline_chunks (user_id, last_id, ids) VALUES (?1, ?2, ?3)")?;
-            for (user, ids) in tail.users.iter().zip(&tail.timeline) {
-                for chunk in ids.chunks(CHUNK_IDS) {
-                    let last = chunk[chunk.len() - 1];
-                    insert.execute(rusqlite::params![user, last, to_json(chunk)])?;
+            // Users in key order, so the rows go in at the end of `fold_rows`, page after page.
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO fold_rows (fold, user_id, ids, partners) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut contacts = tail.contacts.chunk_by(|a, b| a.0 == b.0).peekable();
+            for (user, ids) in tail.timeline.iter().enumerate() {
+                let mut partners: Vec<&str> = Vec::new();
+                if let Some(pairs) = contacts.next_if(|pairs| pairs[0].0 == user) {
+                    partners.extend(
+                        pairs
+                            .iter()
+                            .filter(|&&(_, partner)| {
+                                !self.known_pairs.pairs.contains(&(numbers[user], numbers[partner]))
+                            })
+                            .map(|&(_, partner)| tail.users[partner].as_str()),
+                    );
                 }
+                let partners = (!partners.is_empty()).then(|| to_json(&partners));
+                insert.execute(rusqlite::params![top, tail.users[user], to_json(ids), partners])?;
             }
+            tx.prepare_cached("INSERT INTO recent_folds (fold) VALUES (?1)")?.execute([top])?;
             let mut insert =
                 tx.prepare_cached("INSERT OR IGNORE INTO pending (recipient, message_id) VALUES (?1, ?2)")?;
             for &(recipient, id) in &tail.pending {
                 insert.execute(rusqlite::params![tail.users[recipient], id])?;
-            }
-            for partners in tail.contacts.chunk_by(|a, b| a.0 == b.0) {
-                let user = partners[0].0;
-                let names: Vec<&str> = partners
-                    .iter()
-                    .filter(|&&(_, partner)| {
-                        !self.known_pairs.pairs.contains(&(numbers[user], numbers[partner]))
-                    })
-                    .map(|&(_, partner)| tail.users[partner].as_str())
-                    .collect();
-                if names.is_empty() {
-                    continue;
-                }
-                let last = tail.timeline[user].last().copied().unwrap_or(top);
-                add_contact_chunk(&tx, &mut self.contact_chunks, &tail.users[user], last, &names)?;
             }
         }
         tx.prepare_cached("DELETE FROM delivered WHERE message_id <= ?1")?.execute([top])?;
@@ -805,15 +858,110 @@ impl Writer {
         tx.commit()?;
         tracing::debug!(from = self.indexed_upto + 1, to = top, "folded the message tail into the indexes");
         self.indexed_upto = top;
+        self.recent_folds += 1;
         self.known_pairs
             .pairs
             .extend(tail.contacts.iter().map(|&(user, partner)| (numbers[user], numbers[partner])));
         self.known_pairs.trim();
+        Ok(())
+    }
+
+    fn count_recent_folds(&self) -> rusqlite::Result<usize> {
+        self.conn
+            .query_row("SELECT count(*) FROM recent_folds", [], |row| row.get::<_, i64>(0))
+            .map(|n| n as usize)
+    }
+
+    /// Moves one slice of users' rows from `fold_rows` into the per-user chunks, starting a
+    /// compaction once `compact_folds` folds wait. The last slice deletes the moved rows, whole
+    /// folds at the front of the table.
+    fn compact_slice(&mut self) -> rusqlite::Result<()> {
+        if self.compaction.is_none() {
+            if self.recent_folds < self.policy.compact_folds.max(1) {
+                return Ok(());
+            }
+            let upto: Option<i64> =
+                self.conn.query_row("SELECT max(fold) FROM recent_folds", [], |row| row.get(0))?;
+            let Some(upto) = upto else {
+                self.recent_folds = 0;
+                return Ok(());
+            };
+            let mut users = self
+                .conn
+                .prepare("SELECT DISTINCT user_id FROM fold_rows WHERE fold <= ?1 ORDER BY user_id DESC")?
+                .query_map([upto], |row| row.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            users.shrink_to_fit();
+            self.compaction = Some(Compaction { upto, users });
+        }
+        let Some(compaction) = self.compaction.as_mut() else { return Ok(()) };
+        let upto = compaction.upto;
+        let slice = compaction.users.split_off(compaction.users.len().saturating_sub(COMPACTION_SLICE));
+        let last = compaction.users.is_empty();
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        for user in slice.iter().rev() {
+            compact_user(&tx, &mut self.contact_chunks, user, upto)?;
+        }
+        if last {
+            tx.prepare_cached("DELETE FROM fold_rows WHERE fold <= ?1")?.execute([upto])?;
+            tx.prepare_cached("DELETE FROM recent_folds WHERE fold <= ?1")?.execute([upto])?;
+        }
+        tx.commit()?;
+        if last {
+            self.compaction = None;
+            self.recent_folds = self.count_recent_folds()?;
+            tracing::debug!(upto, "moved the fold rows into the per-user chunks");
+        }
         if self.contact_chunks.len() > WRITER_CACHE {
             self.contact_chunks.clear();
         }
         Ok(())
     }
+}
+
+/// Moves `user`'s rows of the folds up to `upto` into their chunks: the ids newer than their
+/// newest timeline chunk (older ones were moved before: a compaction cut short by a crash),
+/// and the partners as one contacts chunk.
+fn compact_user(
+    tx: &rusqlite::Transaction,
+    contact_chunks: &mut HashMap<String, u32>,
+    user: &str,
+    upto: i64,
+) -> rusqlite::Result<()> {
+    let newest: i64 = tx
+        .prepare_cached("SELECT coalesce(max(last_id), 0) FROM timeline_chunks WHERE user_id = ?1")?
+        .query_row([user], |row| row.get(0))?;
+    let mut ids: Vec<i64> = Vec::new();
+    let mut partners: Vec<String> = Vec::new();
+    let mut last = 0;
+    {
+        let mut select = tx.prepare_cached(
+            "SELECT ids, partners FROM fold_rows
+             WHERE user_id = ?1 AND fold IN (SELECT fold FROM recent_folds WHERE fold <= ?2)
+             ORDER BY fold",
+        )?;
+        let mut rows = select.query(rusqlite::params![user, upto])?;
+        while let Some(row) = rows.next()? {
+            let fold_ids: Vec<i64> = from_json(row.get_ref(0)?.as_str()?)?;
+            last = last.max(fold_ids.last().copied().unwrap_or(0));
+            ids.extend(fold_ids.into_iter().filter(|&id| id > newest));
+            if let Some(list) = row.get_ref(1)?.as_str_or_null()? {
+                partners.extend(from_json::<String>(list)?);
+            }
+        }
+    }
+    let mut insert =
+        tx.prepare_cached("INSERT INTO timeline_chunks (user_id, last_id, ids) VALUES (?1, ?2, ?3)")?;
+    for chunk in ids.chunks(CHUNK_IDS) {
+        insert.execute(rusqlite::params![user, chunk[chunk.len() - 1], to_json(chunk)])?;
+    }
+    partners.sort_unstable();
+    partners.dedup();
+    if !partners.is_empty() {
+        let partners: Vec<&str> = partners.iter().map(String::as_str).collect();
+        add_contact_chunk(tx, contact_chunks, user, last, &partners)?;
+    }
+    Ok(())
 }
 
 /// Most `contact_chunks` rows a user has before the writer merges them into one.
@@ -829,8 +977,11 @@ fn add_contact_chunk(
     last: i64,
     partners: &[&str],
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached("INSERT INTO contact_chunks (user_id, last_id, partners) VALUES (?1, ?2, ?3)")?
-        .execute(rusqlite::params![user, last, to_json(partners)])?;
+    // A compaction repeated after a crash writes the same chunk again.
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO contact_chunks (user_id, last_id, partners) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(rusqlite::params![user, last, to_json(partners)])?;
     let chunks = match counts.get_mut(user) {
         Some(chunks) => {
             *chunks += 1;
