@@ -106,9 +106,12 @@ pub struct IndexPolicy {
     /// `interval` has passed since the last fold.
     pub idle_chunk: i64,
     pub interval: Duration,
-    /// Folds whose rows wait in `fold_rows` before the writer moves them into the per-user
-    /// chunks (migration 0005). More folds per compaction write each user's chunk pages less
-    /// often; a read looks a user's rows up once per waiting fold.
+    /// The writer moves the rows waiting in `fold_rows` into the per-user chunks (migration
+    /// 0005) once they cover this many messages: a compaction writes a page or two per user
+    /// it meets, so the more messages it covers, the less it costs each.
+    pub compact_messages: i64,
+    /// ... or once this many folds wait, whatever their size: a read looks a user's rows up
+    /// once per waiting fold.
     pub compact_folds: usize,
 }
 
@@ -120,7 +123,8 @@ impl Default for IndexPolicy {
             idle_rate: 8_000.0,
             idle_chunk: 1024,
             interval: Duration::from_secs(1),
-            compact_folds: 8,
+            compact_messages: 8 * 16_384,
+            compact_folds: 64,
         }
     }
 }
@@ -509,11 +513,19 @@ struct Writer {
     /// Conversation pairs already in `contact_chunks`.
     known_pairs: KnownPairs,
     last_fold: Instant,
-    /// How many folds have rows in `fold_rows` (counted afresh when a compaction ends).
-    recent_folds: usize,
+    /// How many folds have rows in `fold_rows`, and how many messages they cover (about: read
+    /// afresh when a compaction ends).
+    waiting: Waiting,
     /// The compaction under way, if any.
     compaction: Option<Compaction>,
     policy: IndexPolicy,
+}
+
+/// What waits in `fold_rows` for a compaction.
+#[derive(Debug, Default, Clone, Copy)]
+struct Waiting {
+    folds: usize,
+    messages: i64,
 }
 
 /// Users to compact per transaction: each costs a page or two of chunks, so a slice keeps
@@ -590,11 +602,10 @@ impl Writer {
             contact_chunks: HashMap::new(),
             known_pairs: KnownPairs::default(),
             last_fold: Instant::now(),
-            recent_folds: 0,
+            waiting: Waiting::default(),
             compaction: None,
             policy,
         };
-        writer.recent_folds = writer.count_recent_folds()?;
         // A tail left by the last run (a crash, or a stop between folds) is folded now.
         loop {
             writer.fold(policy.chunk)?;
@@ -602,6 +613,7 @@ impl Writer {
                 break;
             }
         }
+        writer.waiting = writer.count_waiting()?;
         Ok(writer)
     }
 
@@ -857,8 +869,9 @@ impl Writer {
         tx.prepare_cached("UPDATE index_state SET indexed_upto = ?1")?.execute([top])?;
         tx.commit()?;
         tracing::debug!(from = self.indexed_upto + 1, to = top, "folded the message tail into the indexes");
+        self.waiting.folds += 1;
+        self.waiting.messages += top - self.indexed_upto;
         self.indexed_upto = top;
-        self.recent_folds += 1;
         self.known_pairs
             .pairs
             .extend(tail.contacts.iter().map(|&(user, partner)| (numbers[user], numbers[partner])));
@@ -866,10 +879,15 @@ impl Writer {
         Ok(())
     }
 
-    fn count_recent_folds(&self) -> rusqlite::Result<usize> {
-        self.conn
-            .query_row("SELECT count(*) FROM recent_folds", [], |row| row.get::<_, i64>(0))
-            .map(|n| n as usize)
+    /// The folds waiting in `fold_rows` and about how many messages they cover (from the first
+    /// waiting fold's newest id: its own size is not recorded).
+    fn count_waiting(&self) -> rusqlite::Result<Waiting> {
+        let (folds, first): (i64, Option<i64>) =
+            self.conn.query_row("SELECT count(*), min(fold) FROM recent_folds", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?;
+        let messages = first.map_or(0, |first| (self.indexed_upto - first + 1).max(0));
+        Ok(Waiting { folds: folds as usize, messages })
     }
 
     /// Moves one slice of users' rows from `fold_rows` into the per-user chunks, starting a
@@ -877,13 +895,16 @@ impl Writer {
     /// folds at the front of the table.
     fn compact_slice(&mut self) -> rusqlite::Result<()> {
         if self.compaction.is_none() {
-            if self.recent_folds < self.policy.compact_folds.max(1) {
+            if self.waiting.folds == 0
+                || (self.waiting.folds < self.policy.compact_folds.max(1)
+                    && self.waiting.messages < self.policy.compact_messages)
+            {
                 return Ok(());
             }
             let upto: Option<i64> =
                 self.conn.query_row("SELECT max(fold) FROM recent_folds", [], |row| row.get(0))?;
             let Some(upto) = upto else {
-                self.recent_folds = 0;
+                self.waiting = Waiting::default();
                 return Ok(());
             };
             let mut users = self
@@ -909,7 +930,7 @@ impl Writer {
         tx.commit()?;
         if last {
             self.compaction = None;
-            self.recent_folds = self.count_recent_folds()?;
+            self.waiting = self.count_waiting()?;
             tracing::debug!(upto, "moved the fold rows into the per-user chunks");
         }
         if self.contact_chunks.len() > WRITER_CACHE {

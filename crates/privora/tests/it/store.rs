@@ -28,6 +28,7 @@ fn sqlite_policy(rows: i64) -> IndexPolicy {
         idle_rate: f64::INFINITY,
         idle_chunk: 2,
         interval: std::time::Duration::from_secs(3600),
+        compact_messages: i64::MAX,
         compact_folds: 1,
     }
 }
@@ -175,6 +176,35 @@ async fn sqlite_store_conformance_with_the_folds_rows_waiting() {
     conformance(&store).await;
 }
 
+/// A compaction starts once the waiting folds cover `compact_messages` messages, however few
+/// folds that is.
+#[tokio::test]
+async fn sqlite_compaction_starts_once_the_waiting_folds_cover_enough_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let policy = IndexPolicy { compact_messages: 6, compact_folds: usize::MAX, ..sqlite_policy(2) };
+    let store = SqliteStore::open_with(&path, 2, policy).await.unwrap();
+    for name in ["a", "b"] {
+        store.upsert_user(user(name, None)).await.unwrap();
+    }
+    let waiting = || {
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap()
+            .query_row("SELECT count(*) FROM fold_rows", [], |row| row.get::<_, i64>(0))
+            .unwrap()
+    };
+    let mut rows = Vec::new();
+    for _ in 0..6 {
+        append_and_fold(&store, "a", "b").await;
+        rows.push(waiting());
+    }
+    // A fold of two messages every second message gives a and b a row each; the third fold
+    // brings the waiting messages to six, and the rows move into the chunks.
+    assert_eq!(rows, [0, 2, 2, 4, 4, 0]);
+    assert_eq!(store.latest("a", 10).await.unwrap().len(), 6);
+    store.close().await;
+}
+
 /// Folds of two messages whose rows wait in `fold_rows` until three folds are there: the latest
 /// messages and the contacts read the same whether an id is in the tail, in a fold's row or in
 /// a chunk; and a compaction cut short (a user's rows moved into a chunk but not yet deleted)
@@ -307,6 +337,7 @@ async fn a_tail_left_after_a_burst_is_folded_once_the_writer_is_idle() {
         idle_rate: 0.0,
         idle_chunk: 2,
         interval: std::time::Duration::from_millis(200),
+        compact_messages: i64::MAX,
         compact_folds: 1,
     };
     let path = dir.path().join("store.db");
@@ -347,6 +378,7 @@ async fn sqlite_latest_walks_the_timeline_chunks_and_the_tail() {
         idle_rate: f64::INFINITY,
         idle_chunk: 600,
         interval: std::time::Duration::from_secs(3600),
+        compact_messages: i64::MAX,
         compact_folds: 1,
     };
     let store = SqliteStore::open_with(&path, 2, policy).await.unwrap();
