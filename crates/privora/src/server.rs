@@ -94,6 +94,15 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     tokio::spawn(crate::metrics::upkeep(state.shutdown.clone()));
     let app = crate::api::router(state.clone());
     let stop = state.shutdown.clone();
+    // Without TCP_NODELAY a frame written while the connection's previous one is unacknowledged
+    // waits for the client's delayed ACK (up to 40 ms on Linux): that was the p99 at moderate
+    // rates. Measured in session 10 (README, Performance, item 26). Go's servers (Centrifugo,
+    // Tinode) get it by default.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on an accepted connection");
+        }
+    });
     let serve = tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(stop.cancelled_owned())
