@@ -54,10 +54,21 @@ impl WriteQueue {
 
     /// Queues one operation (waiting only for room in the queue); the answer comes once its
     /// batch is committed. `Closed` once shut down.
+    ///
+    /// Waiting for room is boxed: its future (the operation and the semaphore's wait) would
+    /// otherwise be part of every session's frame-handling future, and made that future 1,288
+    /// bytes, past what glibc's per-thread cache serves (1,032): every frame's allocation took
+    /// `malloc`'s slow path. The queue is rarely full.
     pub async fn queue<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<Commit<T>, StoreError> {
         let (reply, answer) = oneshot::channel();
         crate::metrics::store_queue(self.writes.max_capacity() - self.writes.capacity());
-        self.writes.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
+        match self.writes.try_send(op(reply)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(op)) => {
+                Box::pin(self.writes.send(op)).await.map_err(|_| StoreError::Closed)?
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Closed),
+        }
         Ok(Commit::new(answer))
     }
 
@@ -120,5 +131,34 @@ impl WriterCache {
         if self.contacts.len() > WRITER_CACHE {
             self.contacts.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full queue makes `queue` wait for room, not fail: the second operation goes in once
+    /// the writer has taken the first, and both are answered.
+    #[tokio::test]
+    async fn a_full_queue_waits_for_room() {
+        let (go, wait) = oneshot::channel::<()>();
+        let queue = WriteQueue::spawn(1, move |mut ops| async move {
+            let _ = wait.await;
+            while let Some(op) = ops.recv().await {
+                if let WriteOp::UpsertUser(_, reply) = op {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        });
+        let user = |id: &str| UserRecord { user_id: id.into(), display_name: None, email: None };
+        let first = queue.queue(|reply| WriteOp::UpsertUser(user("a"), reply)).await.unwrap();
+        let second = queue.queue(|reply| WriteOp::UpsertUser(user("b"), reply));
+        tokio::pin!(second);
+        assert!(futures_util::poll!(&mut second).is_pending(), "the queue holds one operation");
+        go.send(()).unwrap();
+        let second = second.await.unwrap();
+        first.await.unwrap();
+        second.await.unwrap();
     }
 }
