@@ -10,7 +10,8 @@
 //! by the same thread in sorted folds every few thousand messages; reads add the short unfolded
 //! tail by scanning it (see migrations/sqlite/0002_indexed_tail.sql for why, and 0003 and 0004
 //! for the chunks). A fold writes its users' rows in fold order (`fold_rows`, 0005), and every
-//! few folds the writer moves them into the per-user chunks, a slice of users at a time.
+//! eight large folds or so the writer moves them into the per-user chunks, a slice of users at
+//! a time.
 //!
 //! Reads go through a small pool of read-only sqlx connections, which WAL lets run beside the
 //! writer, each on its own thread, so nothing here blocks the async runtime. The two reads that
@@ -891,8 +892,8 @@ impl Writer {
     }
 
     /// Moves one slice of users' rows from `fold_rows` into the per-user chunks, starting a
-    /// compaction once `compact_folds` folds wait. The last slice deletes the moved rows, whole
-    /// folds at the front of the table.
+    /// compaction once the waiting folds cover `compact_messages` messages or `compact_folds`
+    /// folds wait. The last slice deletes the moved rows, whole folds at the front of the table.
     fn compact_slice(&mut self) -> rusqlite::Result<()> {
         if self.compaction.is_none() {
             if self.waiting.folds == 0
