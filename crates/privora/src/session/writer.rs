@@ -2,7 +2,7 @@
 //! holds routed frames back until the login burst is written, drops second copies, pings for
 //! delivery and on a heartbeat, and ends the connection on a cut-off, a shutdown or silence.
 
-use std::collections::HashSet;
+use foldhash::HashSet;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,8 +27,8 @@ pub(super) enum Phase {
     BeforeLogin {
         held: Vec<OutFrame>,
     },
-    /// `written`: messages already written on this connection (by the burst, live, or a
-    /// catch-up after a Redis outage), whose second copies are dropped.
+    /// `written`: messages already written on this connection whose second copies are
+    /// dropped: the login burst's, and with Redis every one (see `Writer::remember_live`).
     Active {
         written: HashSet<i64>,
     },
@@ -54,6 +54,12 @@ pub(super) struct Writer {
     sink: SplitSink<WebSocket, Message>,
     tracker: Arc<Mutex<Tracker>>,
     phase: Phase,
+    /// Whether live frames are remembered in `Phase::Active::written`. Only a catch-up after a
+    /// Redis outage can bring a message written live a second time; on one node, a live frame
+    /// can only repeat one of the login burst's, so only those are remembered and looked up
+    /// (remembering every message cost a hash insert per message and a set that grew with
+    /// the connection's traffic).
+    remember_live: bool,
     max_held: usize,
     /// Cancelled on a cut-off (by the hub) and on a shutdown (it is a child of `shutdown`).
     cut_off: CancellationToken,
@@ -85,6 +91,7 @@ impl Writer {
             sink,
             tracker: conn.tracker.clone(),
             phase: Phase::BeforeLogin { held: Vec::new() },
+            remember_live: matches!(state.hub.broker(), crate::hub::Broker::Redis(_)),
             max_held: state.config.outbound_queue,
             cut_off: conn.cut_off.clone(),
             ended: conn.ended.clone(),
@@ -277,10 +284,14 @@ impl Writer {
     }
 
     /// Writes a frame routed from elsewhere, unless this connection already has the message
-    /// it delivers (from the login burst, live, or a catch-up after a Redis outage).
+    /// it delivers (from the login burst, or, with Redis, live or from a catch-up).
     async fn write_routed(&mut self, frame: OutFrame) -> Result<(), axum::Error> {
         if let (Phase::Active { written }, Some(id)) = (&mut self.phase, frame.delivers) {
-            if !written.insert(id) {
+            let seen = match self.remember_live {
+                true => !written.insert(id),
+                false => written.contains(&id),
+            };
+            if seen {
                 return Ok(());
             }
             if written.len() > REMEMBERED_IDS {
@@ -294,7 +305,9 @@ impl Writer {
                     .copied()
                     .collect();
                 written.retain(|id| unconfirmed.contains(id));
-                written.insert(id);
+                if self.remember_live {
+                    written.insert(id);
+                }
             }
         }
         self.write(frame).await

@@ -202,3 +202,40 @@ async fn a_peer_that_stops_answering_pings_is_closed() {
     server.wait_until_offline("bob").await;
     assert!(matches!(bob.next_event().await, crate::support::Event::Closed(_)));
 }
+
+/// A message stored while its recipient logs in can be both read into the login burst and
+/// routed to the new connection live: the connection writes it once. On one node only the
+/// burst's ids are remembered for this (no catch-up can bring a live message again).
+#[tokio::test]
+async fn messages_sent_while_the_recipient_logs_in_arrive_exactly_once() {
+    let server = TestServer::start_with(&["--rate-limit", "0"]).await;
+    server.register("bob", None).await;
+    let (mut alice, _) = server.login("alice").await;
+    for round in 0..30 {
+        let sending = tokio::spawn(async move {
+            for i in 0..100 {
+                alice.message("bob", &format!("r{round} m{i}")).await;
+            }
+            alice.sync().await;
+            alice
+        });
+        let mut bob = server.connect().await;
+        bob.send_json(json!({"type": "login", "token": server.token("bob", None)})).await;
+        alice = sending.await.expect("alice sends");
+        // Everything alice sent was stored and routed before her pong, so before bob's.
+        let frames = bob.sync().await;
+        let delivered: Vec<&serde_json::Value> =
+            frames.iter().filter(|f| f["type"] == "offline" || f["type"] == "message").collect();
+        let mut ids = std::collections::HashSet::new();
+        for frame in &delivered {
+            assert!(ids.insert(frame["id"].as_i64().expect("id")), "written twice: {frame}");
+        }
+        let this_round = delivered
+            .iter()
+            .filter(|f| f["message"].as_str().is_some_and(|m| m.starts_with(&format!("r{round} "))))
+            .count();
+        assert_eq!(this_round, 100, "every message of round {round} reached bob");
+        bob.confirm_delivery().await;
+        bob.close().await;
+    }
+}
