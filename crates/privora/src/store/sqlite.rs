@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use privora_protocol::Contact;
-use rusqlite::TransactionBehavior;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -763,7 +762,7 @@ impl Writer {
     fn write_batch(&mut self, work: Vec<WriteOp>) -> Result<Vec<Outcome>, (rusqlite::Error, Vec<Outcome>)> {
         let mut outcomes = Vec::with_capacity(work.len());
         let timestamp = now_iso8601();
-        let tx = match rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate) {
+        let tx = match Tx::begin(&self.conn) {
             Ok(tx) => tx,
             Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
         };
@@ -830,7 +829,7 @@ impl Writer {
     /// `pending` one per message not confirmed by now (in `delivered`).
     fn fold(&mut self, limit: i64) -> rusqlite::Result<()> {
         self.last_fold = Instant::now();
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let tx = Tx::begin(&self.conn)?;
         (self.next_id, self.indexed_upto) = progress(&tx)?;
         let top = (self.next_id - 1).min(self.indexed_upto + limit);
         if top <= self.indexed_upto {
@@ -920,7 +919,7 @@ impl Writer {
         let upto = compaction.upto;
         let slice = compaction.users.split_off(compaction.users.len().saturating_sub(COMPACTION_SLICE));
         let last = compaction.users.is_empty();
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let tx = Tx::begin(&self.conn)?;
         for user in slice.iter().rev() {
             compact_user(&tx, &mut self.contact_chunks, user, upto)?;
         }
@@ -945,7 +944,7 @@ impl Writer {
 /// newest timeline chunk (older ones were moved before: a compaction cut short by a crash),
 /// and the partners as one contacts chunk.
 fn compact_user(
-    tx: &rusqlite::Transaction,
+    tx: &rusqlite::Connection,
     contact_chunks: &mut HashMap<String, u32>,
     user: &str,
     upto: i64,
@@ -993,7 +992,7 @@ const CONTACT_CHUNKS: u32 = 16;
 /// there are more than `CONTACT_CHUNKS`: a user's contacts stay a few rows to read, and a
 /// user's full list is rewritten only every so many folds.
 fn add_contact_chunk(
-    tx: &rusqlite::Transaction,
+    tx: &rusqlite::Connection,
     counts: &mut HashMap<String, u32>,
     user: &str,
     last: i64,
@@ -1059,7 +1058,7 @@ struct Tail {
 
 impl Tail {
     /// Reads the messages with `after < id <= upto`, in id order, and the confirmations of them.
-    fn read(tx: &rusqlite::Transaction, after: i64, upto: i64) -> rusqlite::Result<Tail> {
+    fn read(tx: &rusqlite::Connection, after: i64, upto: i64) -> rusqlite::Result<Tail> {
         let delivered = tx
             .prepare_cached("SELECT message_id FROM delivered WHERE message_id > ?1 AND message_id <= ?2")?
             .query_map([after, upto], |row| row.get(0))?
@@ -1150,10 +1149,54 @@ fn recv_until(queue: &mut mpsc::Receiver<WriteOp>, deadline: Instant) -> Option<
     }
 }
 
+/// One of the writer's transactions: `BEGIN IMMEDIATE` to `COMMIT`, rolled back if dropped
+/// uncommitted. rusqlite's `Transaction` runs both through `execute_batch`, which parses the SQL
+/// every time; here they are cached statements. At low rates, where a batch is a message or two,
+/// parsing them was about a tenth of the writer thread's instructions.
+struct Tx<'c> {
+    conn: &'c rusqlite::Connection,
+    open: bool,
+}
+
+impl<'c> Tx<'c> {
+    fn begin(conn: &'c rusqlite::Connection) -> rusqlite::Result<Tx<'c>> {
+        if !conn.is_autocommit() {
+            // A rollback that failed left the last transaction open: end it first.
+            conn.prepare_cached("ROLLBACK")?.execute([])?;
+        }
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        Ok(Tx { conn, open: true })
+    }
+
+    fn commit(mut self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = rusqlite::Connection;
+
+    fn deref(&self) -> &rusqlite::Connection {
+        self.conn
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        // SQLite may have rolled back already (after some I/O errors). A rollback that fails
+        // here is retried by the next `begin`; the caller has its error already.
+        if self.open && !self.conn.is_autocommit() {
+            let _ = self.conn.prepare_cached("ROLLBACK").and_then(|mut rollback| rollback.execute([]));
+        }
+    }
+}
+
 /// The next message id and the fold's progress, read afresh inside the transaction that holds
 /// the write lock: another process on the same file (`privora token` beside a running server)
 /// may have appended or folded since.
-fn progress(tx: &rusqlite::Transaction) -> rusqlite::Result<(i64, i64)> {
+fn progress(tx: &rusqlite::Connection) -> rusqlite::Result<(i64, i64)> {
     // One step down the rowid B-tree, not a scan.
     let last: Option<i64> =
         tx.prepare_cached("SELECT MAX(id) FROM messages")?.query_row([], |row| row.get(0))?;
@@ -1181,7 +1224,7 @@ struct BatchStatements<'tx> {
 }
 
 impl<'tx> BatchStatements<'tx> {
-    fn prepare(tx: &'tx rusqlite::Transaction) -> rusqlite::Result<BatchStatements<'tx>> {
+    fn prepare(tx: &'tx rusqlite::Connection) -> rusqlite::Result<BatchStatements<'tx>> {
         Ok(BatchStatements {
             insert_message: tx.prepare_cached(
                 "INSERT INTO messages (id, sender, sender_display_name, recipient, message, timestamp, client_msg_id)
@@ -1200,7 +1243,7 @@ impl<'tx> BatchStatements<'tx> {
 /// Appends one message with the next id, unless its recipient is unknown (a refusal, not a
 /// failure: the batch goes on).
 fn append(
-    tx: &rusqlite::Transaction,
+    tx: &rusqlite::Connection,
     statements: &mut BatchStatements,
     known_users: &mut HashSet<String>,
     next_id: &mut i64,
@@ -1251,7 +1294,7 @@ fn mark_delivered(
 }
 
 fn upsert_user(
-    tx: &rusqlite::Transaction,
+    tx: &rusqlite::Connection,
     known_users: &mut HashSet<String>,
     user: UserRecord,
     timestamp: &str,
