@@ -18,10 +18,12 @@
 mod active;
 mod login;
 mod presence;
+mod signal;
 mod tracker;
 mod writer;
 
 use login::AwaitingLogin;
+use signal::Signal;
 use tracker::Tracker;
 use writer::Writer;
 
@@ -79,7 +81,7 @@ pub fn run(socket: WebSocket, state: Arc<AppState>) -> impl Future<Output = ()> 
         // lock) instead of also on the token every connection shares, which each wake-up of
         // each writer locked and queued on.
         cut_off: state.shutdown.child_token(),
-        ended: CancellationToken::new(),
+        ended: Arc::new(Signal::default()),
     };
     let writer = Writer::new(sink, &conn, &state);
     let writer = tokio::spawn(writer.run(queue));
@@ -104,8 +106,8 @@ struct Conn {
     /// Cancelled by the hub when this connection's queue overflows, and with the server's
     /// shutdown token (it is a child of it).
     cut_off: CancellationToken,
-    /// Cancelled by the writer when it stops: the reader stops too.
-    ended: CancellationToken,
+    /// Raised by the writer when it stops: the reader stops too.
+    ended: Arc<Signal>,
 }
 
 impl Conn {
@@ -134,7 +136,7 @@ impl Conn {
     /// Reads the next frame, or None when the connection is over.
     async fn next(&self, stream: &mut SplitStream<WebSocket>) -> Option<Result<Message, axum::Error>> {
         tokio::select! {
-            _ = self.ended.cancelled() => None,
+            _ = self.ended.raised() => None,
             message = stream.next() => {
                 self.heard();
                 message

@@ -13,8 +13,9 @@ use futures_util::SinkExt;
 use privora_protocol::ServerFrame;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::signal::Signal;
 use super::tracker::Tracker;
 use super::{lock, Conn, CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN, REMEMBERED_IDS, WRITE_BATCH};
 use crate::error::Error;
@@ -63,8 +64,12 @@ pub(super) struct Writer {
     max_held: usize,
     /// Cancelled on a cut-off (by the hub) and on a shutdown (it is a child of `shutdown`).
     cut_off: CancellationToken,
-    /// Cancelled by the writer when it stops: the reader stops too.
-    ended: CancellationToken,
+    /// The wait on `cut_off`, made once. A wait made afresh at every wake-up registered with the
+    /// token and deregistered again each time, a lock each, for every frame written. None only
+    /// while a batch is written (it is then borrowed by the write's own `select!`).
+    cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Raised by the writer when it stops: the reader stops too.
+    ended: Arc<Signal>,
     /// The server's shutdown token: only looked at once `cut_off` fired, to tell which it was.
     shutdown: CancellationToken,
     ping_interval: Duration,
@@ -94,6 +99,7 @@ impl Writer {
             remember_live: matches!(state.hub.broker(), crate::hub::Broker::Redis(_)),
             max_held: state.config.outbound_queue,
             cut_off: conn.cut_off.clone(),
+            cut: Some(Box::pin(conn.cut_off.clone().cancelled_owned())),
             ended: conn.ended.clone(),
             shutdown: state.shutdown.clone(),
             ping_interval,
@@ -113,14 +119,14 @@ impl Writer {
         if let Err(error) = self.serve(&mut queue).await {
             tracing::debug!(%error, "write failed; connection over");
         }
-        self.ended.cancel();
+        self.ended.raise();
     }
 
     async fn serve(&mut self, queue: &mut mpsc::Receiver<Outbound>) -> Result<(), axum::Error> {
         loop {
             let wake = tokio::select! {
                 biased;
-                _ = self.cut_off.cancelled() => match self.shutdown.is_cancelled() {
+                _ = cut_off(&mut self.cut) => match self.shutdown.is_cancelled() {
                     true => Wake::Shutdown,
                     false => Wake::CutOff,
                 },
@@ -174,12 +180,14 @@ impl Writer {
             // A write can block on a peer that does not read; a cut-off or a shutdown must
             // still end the connection then (the unread messages stay pending).
             Wake::Item(first) => {
-                let cut_off = self.cut_off.clone();
-                tokio::select! {
+                let mut cut = self.cut.take();
+                let flow = tokio::select! {
                     biased;
-                    _ = cut_off.cancelled() => Ok(Flow::Stop),
+                    _ = cut_off(&mut cut) => Ok(Flow::Stop),
                     flow = self.drain(first, queue) => flow,
-                }
+                };
+                self.cut = cut;
+                flow
             }
         }
     }
@@ -361,6 +369,14 @@ impl Spacing {
 
 fn ping_frame(seq: u64) -> Message {
     Message::Ping(seq.to_be_bytes().to_vec().into())
+}
+
+/// Waits for the cut-off (or the shutdown); never while the wait is lent out.
+async fn cut_off(cut: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>) {
+    match cut {
+        Some(cut) => cut.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits for the timer, if one is armed (the `select!` only polls this when it is).
