@@ -124,14 +124,16 @@ impl Writer {
 
     async fn serve(&mut self, queue: &mut mpsc::Receiver<Outbound>) -> Result<(), axum::Error> {
         loop {
+            // The queue before the timers: a wake-up for a frame (nearly every wake-up) does not
+            // poll them; they are polled whenever the queue is empty, which a writer that keeps
+            // up reaches after every batch. Only a connection whose queue never empties waits
+            // for its heartbeat, and its delivery pings go out with its batches (`drain`).
             let wake = tokio::select! {
                 biased;
                 _ = cut_off(&mut self.cut) => match self.shutdown.is_cancelled() {
                     true => Wake::Shutdown,
                     false => Wake::CutOff,
                 },
-                _ = self.heartbeat.tick() => Wake::Heartbeat,
-                _ = armed(&mut self.delivery_timer), if self.delivery_timer.is_some() => Wake::DeliveryPing,
                 item = queue.recv() => match item {
                     Some(item) => {
                         metrics::outbound_queue(queue.len());
@@ -139,6 +141,8 @@ impl Writer {
                     }
                     None => return Ok(()),
                 },
+                _ = self.heartbeat.tick() => Wake::Heartbeat,
+                _ = armed(&mut self.delivery_timer), if self.delivery_timer.is_some() => Wake::DeliveryPing,
             };
             // Writing takes a future many times the size of waiting: boxed, it costs memory
             // only while it runs, not for as long as the connection sits idle.
