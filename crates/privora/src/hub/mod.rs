@@ -12,12 +12,11 @@
 pub mod redis;
 
 use std::collections::HashSet;
-
-use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::{CloseFrame, Utf8Bytes};
+use foldhash::HashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

@@ -2,12 +2,12 @@
 //! holds routed frames back until the login burst is written, drops second copies, pings for
 //! delivery and on a heartbeat, and ends the connection on a cut-off, a shutdown or silence.
 
-use foldhash::HashSet;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use foldhash::HashSet;
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
 use privora_protocol::ServerFrame;
