@@ -62,6 +62,7 @@ fn store_append(c: &mut Criterion) {
                                 recipient: "bob".into(),
                                 message: format!("message {i}"),
                                 msg_id: None,
+                                idempotent: false,
                             })
                         });
                         for result in join_all(appends).await {

@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
                             recipient: to.clone(),
                             message: format!("{i:>56}"),
                             msg_id: None,
+                            idempotent: false,
                         })
                         .await?;
                     store.mark_delivered(&to, vec![stored.id]).await?;

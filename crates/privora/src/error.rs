@@ -115,6 +115,7 @@ impl From<StoreError> for Error {
     fn from(error: StoreError) -> Error {
         match error {
             StoreError::UnknownRecipient(user) => Error::UnknownRecipient(user),
+            reused @ StoreError::MsgIdReused(_) => Error::BadFrame(reused.to_string()),
             StoreError::Unavailable(reason) => {
                 tracing::warn!(%reason, "database unavailable");
                 Error::Unavailable

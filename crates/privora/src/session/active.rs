@@ -26,7 +26,7 @@ use crate::error::Error;
 use crate::hub::{OutFrame, Outbound};
 use crate::metrics;
 use crate::server::AppState;
-use crate::store::{Commit, NewMessage, StoreError, StoredMessage};
+use crate::store::{Appended, Commit, NewMessage, StoreError, StoredMessage};
 
 /// Frames whose steps may wait unsettled before the reader stops reading: the client's
 /// pipeline depth that still gains from sharing commits, and a bound on what one connection
@@ -48,7 +48,7 @@ pub(super) struct Active {
 /// What a frame still owes, settled in the order the frames came.
 enum Step {
     /// A message queued with the store: routed once committed, or refused with an error frame.
-    Store(Commit<StoredMessage>),
+    Store(Commit<Appended>),
     /// Deliveries the client confirmed, queued with the store; a failure is only logged.
     Confirm(Commit<()>),
     /// A frame for the client (an error, a `pong`), queued once everything before it is.
@@ -57,7 +57,7 @@ enum Step {
 
 /// A step, settled.
 enum Settled {
-    Stored(Result<StoredMessage, StoreError>),
+    Stored(Result<Appended, StoreError>),
     Confirmed(Result<(), StoreError>),
     Send(Outbound),
 }
@@ -121,7 +121,9 @@ impl Active {
     /// allocation) of its own.
     fn settled(&mut self, settled: Settled) -> Option<Outbound> {
         match settled {
-            Settled::Stored(Ok(stored)) => {
+            // Sent again after a lost ack: stored and routed the first time, acked again now.
+            Settled::Stored(Ok(Appended::Again(stored))) => self.acks.then(|| ack_frame(&stored)),
+            Settled::Stored(Ok(Appended::New(stored))) => {
                 metrics::message_in();
                 let ack = self.acks.then(|| ack_frame(&stored));
                 let (recipient, frame) = live_frame(stored);
@@ -190,7 +192,7 @@ impl Active {
         to: String,
         message: String,
         msg_id: Option<serde_json::Value>,
-    ) -> Result<Commit<StoredMessage>, Error> {
+    ) -> Result<Commit<Appended>, Error> {
         let config = &self.state.config;
         if to.is_empty() {
             return Err(Error::BadFrame("field \"to\" is empty".into()));
@@ -224,6 +226,10 @@ impl Active {
                 sender_display_name: self.display_name.clone(),
                 recipient: to,
                 message,
+                // With acks, the client can tell what was stored and resends the rest after a
+                // reconnect: its msg_id names the message. Without, msg_ids are the client's own
+                // business (the original protocol says nothing of their being unique).
+                idempotent: self.acks && msg_id.is_some(),
                 msg_id,
             })
             .await?;

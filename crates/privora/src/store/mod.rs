@@ -7,6 +7,7 @@
 //! them in the order they were queued, so a session keeps its messages in order without waiting
 //! a commit per message.
 
+pub mod msg_ids;
 pub mod postgres;
 pub mod sqlite;
 pub mod writer;
@@ -31,6 +32,40 @@ pub struct NewMessage {
     pub recipient: String,
     pub message: String,
     pub msg_id: Option<Value>,
+    /// The sender's `msg_id` names this message (a client that asked for acks): a second
+    /// message from the same sender with the same `msg_id` within `MSG_ID_WINDOW` is the same
+    /// message sent again after a lost ack, and is not stored again.
+    pub idempotent: bool,
+}
+
+/// How long a `msg_id` of an idempotent message is remembered. A client resends what it sent
+/// without an ack when it reconnects, within seconds or minutes; a day covers a device that
+/// was offline overnight. (Stripe keeps idempotency keys for 24 hours; Matrix homeservers keep
+/// a device's transaction ids for at least its session.)
+pub const MSG_ID_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// What an append came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Appended {
+    /// Stored now.
+    New(StoredMessage),
+    /// An idempotent message whose `msg_id` the sender used before for the same message: the
+    /// message stored then, not stored (nor routed) again.
+    Again(StoredMessage),
+}
+
+impl Appended {
+    pub fn message(&self) -> &StoredMessage {
+        match self {
+            Appended::New(message) | Appended::Again(message) => message,
+        }
+    }
+
+    pub fn into_message(self) -> StoredMessage {
+        match self {
+            Appended::New(message) | Appended::Again(message) => message,
+        }
+    }
 }
 
 impl NewMessage {
@@ -100,6 +135,10 @@ pub struct UserRecord {
 pub enum StoreError {
     #[error("{0:?} is not a known user")]
     UnknownRecipient(String),
+    /// An idempotent message whose `msg_id` the sender used within `MSG_ID_WINDOW` for a
+    /// different message (another recipient or text): refused, not taken for the first one.
+    #[error("msg_id {0} was already used for another message; this one was not stored")]
+    MsgIdReused(String),
     /// The database cannot be reached or is busy; the operation did not happen.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
@@ -155,9 +194,10 @@ pub trait Store: Send + Sync + 'static {
     /// and every delivery ping.
     fn writes(&self) -> &WriteQueue;
 
-    /// Queues a message and waits for its commit (`WriteQueue::queue_append`).
+    /// Queues a message and waits for its commit (`WriteQueue::queue_append`). An idempotent
+    /// message sent again gives back the message stored the first time.
     async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
-        self.writes().queue_append(message).await?.await
+        Ok(self.writes().queue_append(message).await?.await?.into_message())
     }
 
     /// Queues "the recipient has these messages" and waits for its commit.
@@ -227,6 +267,35 @@ pub fn with_pending<'a>(latest: &'a [StoredMessage], pending: &'a [StoredMessage
     }
     merged
 }
+
+/// An idempotent message met the message its sender stored before with the same `msg_id`: the
+/// same message sent again (same recipient and text), or a `msg_id` reused for another one.
+pub fn sent_again(first: StoredMessage, message: &NewMessage) -> Result<Appended, StoreError> {
+    if first.recipient == message.recipient && first.message == message.message {
+        Ok(Appended::Again(first))
+    } else {
+        Err(StoreError::MsgIdReused(first.msg_id.map(|id| id.to_string()).unwrap_or_default()))
+    }
+}
+
+/// Now in Unix seconds, as `sent_msg_ids.created_at` records it.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+/// The oldest `created_at` of a `sent_msg_ids` row that still names a message (the window).
+pub fn remembered_since() -> i64 {
+    unix_now() - MSG_ID_WINDOW.as_secs() as i64
+}
+
+/// Most `sent_msg_ids` rows one prune deletes: a prune is a short pause for the writer. A prune
+/// that deleted this many goes on at the writer's next chance rather than a minute later.
+pub const PRUNE_ROWS: i64 = 10_000;
+
+/// How often the writers delete `sent_msg_ids` rows older than `MSG_ID_WINDOW`.
+pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The name shown for a user without a display name.
 pub fn display_name_or_id(display_name: Option<String>, user_id: &str) -> String {

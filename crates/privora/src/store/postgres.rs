@@ -11,7 +11,7 @@
 //! by itself once the database is back: no restart needed.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use privora_protocol::Contact;
@@ -21,7 +21,10 @@ use tokio::sync::mpsc;
 
 use super::sqlite::now_iso8601;
 use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
-use super::{contacts_by_name, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use super::{
+    contacts_by_name, remembered_since, sent_again, unix_now, Appended, MessageRow, NewMessage, Store,
+    StoreError, StoredMessage, UserRecord, PRUNE_EVERY, PRUNE_ROWS,
+};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -221,7 +224,12 @@ fn from_sqlx(error: sqlx::Error) -> StoreError {
 async fn run_writer(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
     let mut cache = WriterCache::default();
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // At the start, then with the batches once `PRUNE_EVERY` has passed.
+    let mut prune_due = prune_msg_ids(&pool).await;
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        if Instant::now() >= prune_due {
+            prune_due = prune_msg_ids(&pool).await;
+        }
         let mut shutdown = None;
         let mut work = Vec::with_capacity(batch.len());
         for op in batch.drain(..) {
@@ -244,9 +252,32 @@ async fn run_writer(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
     }
 }
 
+/// Deletes the oldest `sent_msg_ids` rows past `MSG_ID_WINDOW` (at most `PRUNE_ROWS`); says
+/// when to prune next.
+async fn prune_msg_ids(pool: &PgPool) -> Instant {
+    let before = remembered_since();
+    let deleted = sqlx::query(
+        "DELETE FROM sent_msg_ids WHERE (sender, msg_id) IN
+             (SELECT sender, msg_id FROM sent_msg_ids WHERE created_at < $1 ORDER BY created_at LIMIT $2)",
+    )
+    .bind(before)
+    .bind(PRUNE_ROWS)
+    .execute(pool)
+    .await;
+    match deleted {
+        Ok(done) if done.rows_affected() as i64 >= PRUNE_ROWS => Instant::now(),
+        Ok(_) => Instant::now() + PRUNE_EVERY,
+        Err(error) => {
+            // Nothing is lost: the rows only wait for the next prune.
+            tracing::warn!(%error, "deleting old msg_ids failed");
+            Instant::now() + PRUNE_EVERY
+        }
+    }
+}
+
 /// One operation's outcome, held until the batch commits.
 enum Outcome {
-    Message(Reply<StoredMessage>, Result<StoredMessage, StoreError>),
+    Message(Reply<Appended>, Result<Appended, StoreError>),
     Unit(Reply<()>),
 }
 
@@ -359,7 +390,25 @@ async fn append_one(
     cache: &mut WriterCache,
     message: NewMessage,
     timestamp: &str,
-) -> Result<Result<StoredMessage, StoreError>, sqlx::Error> {
+) -> Result<Result<Appended, StoreError>, sqlx::Error> {
+    let msg_id = message.msg_id.as_ref().map(|v| v.to_string());
+    let key = msg_id.as_deref().filter(|_| message.idempotent);
+    if let Some(key) = key {
+        let first = sqlx::query(
+            "SELECT m.id, m.sender, m.sender_display_name, m.recipient, m.message, m.timestamp, m.client_msg_id
+             FROM sent_msg_ids s JOIN messages m ON m.id = s.message_id
+             WHERE s.sender = $1 AND s.msg_id = $2 AND s.created_at >= $3",
+        )
+        .bind(&message.sender)
+        .bind(key)
+        .bind(remembered_since())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = first {
+            let first = MessageRow::from_row(&row).map(StoredMessage::from)?;
+            return Ok(sent_again(first, &message));
+        }
+    }
     if !cache.users.contains(&message.recipient) {
         let known = sqlx::query("SELECT 1 FROM users WHERE user_id = $1")
             .bind(&message.recipient)
@@ -371,7 +420,6 @@ async fn append_one(
         }
         cache.users.insert(message.recipient.clone());
     }
-    let msg_id = message.msg_id.as_ref().map(|v| v.to_string());
     // The message and its pending row in one round trip.
     let id: i64 = sqlx::query(
         "WITH m AS (
@@ -400,5 +448,19 @@ async fn append_one(
         .await?;
         cache.contacts.insert(pair);
     }
-    Ok(Ok(message.stored(id, timestamp)))
+    if let Some(key) = key {
+        // Another node may have stored the same message a moment ago (a client that resent it
+        // there after reconnecting): then both are stored, rather than this batch failing.
+        sqlx::query(
+            "INSERT INTO sent_msg_ids (sender, msg_id, message_id, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&message.sender)
+        .bind(key)
+        .bind(id)
+        .bind(unix_now())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(Ok(Appended::New(message.stored(id, timestamp))))
 }

@@ -32,8 +32,12 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use super::msg_ids::{fingerprint, RecentMsgIds, Remembered};
 use super::writer::{Reply, WriteOp, WriteQueue, WRITER_CACHE};
-use super::{contacts_by_name, MessageRow, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use super::{
+    contacts_by_name, remembered_since, sent_again, unix_now, Appended, MessageRow, NewMessage, Store,
+    StoreError, StoredMessage, UserRecord, PRUNE_EVERY,
+};
 
 /// How a search text is put to the FTS5 trigram index (`users_search`).
 #[derive(Debug, PartialEq)]
@@ -519,6 +523,12 @@ struct Writer {
     /// The compaction under way, if any.
     compaction: Option<Compaction>,
     policy: IndexPolicy,
+    /// When `sent_msg_ids` rows past `MSG_ID_WINDOW` are next deleted.
+    prune_due: Instant,
+    /// The msg_ids of the idempotent messages of the last `MSG_ID_WINDOW` (`sent_msg_ids`).
+    msg_ids: RecentMsgIds,
+    /// The first id of the batch being written: a batch that fails takes its msg_ids back.
+    batch_from: i64,
 }
 
 /// What waits in `fold_rows` for a compaction.
@@ -576,7 +586,7 @@ impl KnownPairs {
 
 /// What one operation of a batch came to, with the reply it is owed.
 enum Outcome {
-    Message(Reply<StoredMessage>, Result<StoredMessage, StoreError>),
+    Message(Reply<Appended>, Result<Appended, StoreError>),
     Unit(Reply<()>),
 }
 
@@ -605,7 +615,11 @@ impl Writer {
             waiting: Waiting::default(),
             compaction: None,
             policy,
+            prune_due: Instant::now(),
+            msg_ids: RecentMsgIds::default(),
+            batch_from: 1,
         };
+        writer.msg_ids = remembered_msg_ids(&writer.conn)?;
         // A tail left by the last run (a crash, or a stop between folds) is folded now.
         loop {
             writer.fold(policy.chunk)?;
@@ -666,6 +680,9 @@ impl Writer {
     /// even when no more writes come: reads scan the unfolded tail, so a tail left after a burst
     /// would slow every login until the next burst.
     fn fold_if_due(&mut self, idle: bool) -> Option<Instant> {
+        if Instant::now() >= self.prune_due {
+            self.prune_msg_ids();
+        }
         let tail = self.next_id - 1 - self.indexed_upto;
         let since = self.last_fold.elapsed();
         let limit = if tail >= self.policy.rows {
@@ -733,8 +750,9 @@ impl Writer {
                 let error = from_rusqlite(error);
                 tracing::error!(%error, "a write batch failed; nothing in it was stored");
                 // Rolled back: the cache may name users whose insert was undone (the next batch
-                // reads the next id afresh).
+                // reads the next id afresh), and the batch's msg_ids name nothing.
                 self.known_users.clear();
+                self.msg_ids.forget_from(self.batch_from);
                 for reply in replies {
                     match reply {
                         Outcome::Message(reply, _) => {
@@ -767,7 +785,10 @@ impl Writer {
             Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
         };
         match progress(&tx) {
-            Ok((next_id, indexed_upto)) => (self.next_id, self.indexed_upto) = (next_id, indexed_upto),
+            Ok((next_id, indexed_upto)) => {
+                (self.next_id, self.indexed_upto) = (next_id, indexed_upto);
+                self.batch_from = next_id;
+            }
             Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
         }
         let mut failure = None;
@@ -784,7 +805,8 @@ impl Writer {
             let done = match op {
                 WriteOp::Append(message, reply) => {
                     let (known_users, next_id) = (&mut self.known_users, &mut self.next_id);
-                    match append(&tx, &mut statements, known_users, next_id, message, &timestamp) {
+                    let msg_ids = &mut self.msg_ids;
+                    match append(&tx, &mut statements, known_users, msg_ids, next_id, message, &timestamp) {
                         Ok(result) => Ok(Outcome::Message(reply, result)),
                         Err(error) => Err((error, Outcome::Message(reply, Err(StoreError::Closed)))),
                     }
@@ -877,6 +899,22 @@ impl Writer {
             .extend(tail.contacts.iter().map(|&(user, partner)| (numbers[user], numbers[partner])));
         self.known_pairs.trim();
         Ok(())
+    }
+
+    /// Forgets the msg_ids past `MSG_ID_WINDOW` (or beyond `MAX_REMEMBERED`) and deletes their
+    /// rows: the oldest, at the front of the table.
+    fn prune_msg_ids(&mut self) {
+        self.prune_due = Instant::now() + PRUNE_EVERY;
+        let Some(upto) = self.msg_ids.expire(remembered_since()) else { return };
+        let deleted = self
+            .conn
+            .prepare_cached("DELETE FROM sent_msg_ids WHERE message_id <= ?1")
+            .and_then(|mut delete| delete.execute([upto]));
+        if let Err(error) = deleted {
+            // Nothing is lost: the writer has forgotten them; their rows go with a later prune
+            // or are skipped when it starts.
+            tracing::error!(%error, "deleting old msg_ids failed");
+        }
     }
 
     /// The folds waiting in `fold_rows` and about how many messages they cover (from the first
@@ -1206,6 +1244,26 @@ fn progress(tx: &rusqlite::Connection) -> rusqlite::Result<(i64, i64)> {
     Ok((next_id, indexed_upto))
 }
 
+/// The msg_ids of the last `MSG_ID_WINDOW`, read back when the writer starts.
+fn remembered_msg_ids(conn: &rusqlite::Connection) -> rusqlite::Result<RecentMsgIds> {
+    let mut msg_ids = RecentMsgIds::default();
+    let mut select = conn.prepare(
+        "SELECT message_id, fingerprint, created_at FROM sent_msg_ids WHERE created_at >= ?1 ORDER BY message_id",
+    )?;
+    let mut rows = select.query([remembered_since()])?;
+    while let Some(row) = rows.next()? {
+        let fingerprint: i64 = row.get(1)?;
+        msg_ids.remember(Remembered {
+            message_id: row.get(0)?,
+            fingerprint: fingerprint as u64,
+            created_at: row.get(2)?,
+        });
+    }
+    // Those that expired while the writer was stopped (a scan, once).
+    conn.execute("DELETE FROM sent_msg_ids WHERE created_at < ?1", [remembered_since()])?;
+    Ok(msg_ids)
+}
+
 /// The reply an operation is owed when its batch fails before reaching it.
 fn owed(op: WriteOp) -> Option<Outcome> {
     match op {
@@ -1221,6 +1279,7 @@ struct BatchStatements<'tx> {
     insert_message: rusqlite::CachedStatement<'tx>,
     delivered_in_tail: rusqlite::CachedStatement<'tx>,
     delete_pending: rusqlite::CachedStatement<'tx>,
+    insert_msg_id: rusqlite::CachedStatement<'tx>,
 }
 
 impl<'tx> BatchStatements<'tx> {
@@ -1236,20 +1295,43 @@ impl<'tx> BatchStatements<'tx> {
                  SELECT id FROM messages WHERE id = ?1 AND recipient = ?2",
             )?,
             delete_pending: tx.prepare_cached("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")?,
+            insert_msg_id: tx
+                .prepare_cached("INSERT INTO sent_msg_ids (message_id, fingerprint, created_at) VALUES (?1, ?2, ?3)")?,
         })
     }
 }
 
-/// Appends one message with the next id, unless its recipient is unknown (a refusal, not a
-/// failure: the batch goes on).
+/// Appends one message with the next id, unless its recipient is unknown or it is an
+/// idempotent message sent before (refusals, not failures: the batch goes on).
+#[allow(clippy::too_many_arguments)]
 fn append(
     tx: &rusqlite::Connection,
     statements: &mut BatchStatements,
     known_users: &mut HashSet<String>,
+    msg_ids: &mut RecentMsgIds,
     next_id: &mut i64,
     message: NewMessage,
     timestamp: &str,
-) -> rusqlite::Result<Result<StoredMessage, StoreError>> {
+) -> rusqlite::Result<Result<Appended, StoreError>> {
+    let msg_id = message.msg_id.as_ref().map(|v| v.to_string());
+    let key =
+        msg_id.as_deref().filter(|_| message.idempotent).map(|key| (key, fingerprint(&message.sender, key)));
+    if let Some((key, print)) = key {
+        if let Some(first_id) = msg_ids.get(print) {
+            let first = tx
+                .prepare_cached(
+                    "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
+                     FROM messages WHERE id = ?1",
+                )?
+                .query_row([first_id], message_row)?;
+            // A fingerprint names one message; another sender's or msg_id's is a collision.
+            let same = first.sender == message.sender
+                && first.msg_id.as_ref().map(|id| id.to_string()).as_deref() == Some(key);
+            if same {
+                return Ok(sent_again(first, &message));
+            }
+        }
+    }
     let known = known_users.contains(&message.recipient) || {
         let found =
             tx.prepare_cached("SELECT 1 FROM users WHERE user_id = ?1")?.exists([&message.recipient])?;
@@ -1262,7 +1344,6 @@ fn append(
         return Ok(Err(StoreError::UnknownRecipient(message.recipient)));
     }
     let id = *next_id;
-    let msg_id = message.msg_id.as_ref().map(|v| v.to_string());
     statements.insert_message.execute(rusqlite::params![
         id,
         message.sender,
@@ -1272,8 +1353,13 @@ fn append(
         timestamp,
         msg_id
     ])?;
+    if let Some((_, print)) = key {
+        let remembered = Remembered { message_id: id, fingerprint: print, created_at: unix_now() };
+        statements.insert_msg_id.execute(rusqlite::params![id, print as i64, remembered.created_at])?;
+        msg_ids.remember(remembered);
+    }
     *next_id += 1;
-    Ok(Ok(message.stored(id, timestamp)))
+    Ok(Ok(Appended::New(message.stored(id, timestamp))))
 }
 
 /// `recipient` confirmed `ids`. A confirmation of someone else's message changes nothing.

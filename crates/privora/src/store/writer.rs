@@ -9,14 +9,14 @@ use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{Commit, NewMessage, StoreError, StoredMessage, UserRecord};
+use super::{Appended, Commit, NewMessage, StoreError, UserRecord};
 
 /// Where a writer sends one operation's answer, once its batch is committed (or failed).
 pub type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// One write, as queued for the writer task.
 pub enum WriteOp {
-    Append(NewMessage, Reply<StoredMessage>),
+    Append(NewMessage, Reply<Appended>),
     Delivered { recipient: String, ids: Vec<i64>, reply: Reply<()> },
     UpsertUser(UserRecord, Reply<()>),
     Shutdown(oneshot::Sender<()>),
@@ -74,8 +74,9 @@ impl WriteQueue {
 
     /// Queues a message to be committed and marked pending for its recipient; waits only for
     /// room in the queue. The commit fails with `UnknownRecipient` when the recipient is not in
-    /// the users table. Timed in `privora_store_latency_seconds` as `append`.
-    pub async fn queue_append(&self, message: NewMessage) -> Result<Commit<StoredMessage>, StoreError> {
+    /// the users table, and with `MsgIdReused` when an idempotent message's `msg_id` named
+    /// another message. Timed in `privora_store_latency_seconds` as `append`.
+    pub async fn queue_append(&self, message: NewMessage) -> Result<Commit<Appended>, StoreError> {
         Ok(self.queue(|reply| WriteOp::Append(message, reply)).await?.timed("append"))
     }
 

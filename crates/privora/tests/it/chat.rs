@@ -3,7 +3,7 @@
 use privora_protocol::{Contact, ServerFrame};
 use serde_json::{json, Value};
 
-use crate::support::TestServer;
+use crate::support::{eventually, Client, TestServer};
 
 #[tokio::test]
 async fn a_message_reaches_an_online_recipient_with_the_original_fields() {
@@ -255,4 +255,83 @@ async fn a_client_that_asks_for_acks_hears_each_message_stored_or_refused_in_ord
     assert_eq!(alice.expect_type("message").await["message"], "back");
     bob.expect_silence().await;
     alice.expect_silence().await;
+}
+
+/// A client with acks that lost its connection before an ack resends the message with the same
+/// `msg_id`: it hears the first ack again and the recipient gets the message once. The same
+/// `msg_id` for another message is refused; a client without acks is not deduplicated (the
+/// original protocol never said a msg_id was unique).
+#[tokio::test]
+async fn a_message_resent_after_a_lost_ack_is_stored_once() {
+    let server = TestServer::start().await;
+    let (mut bob, alice, hello, first) = hello_with_acks(&server).await;
+
+    // The ack "was lost": a new connection sends the message again, twice (the client's queue
+    // and a retry timer, say).
+    alice.close().await;
+    let (mut alice, _) = server.login_with_acks("alice").await;
+    alice.send_json(hello.clone()).await;
+    alice.send_json(hello.clone()).await;
+    for _ in 0..2 {
+        assert_eq!(alice.expect_type("ack").await, first, "the first ack again, id and timestamp");
+    }
+    assert_eq!(messages(bob.sync().await), Vec::<Value>::new(), "bob has it already");
+    // Another message under a used msg_id is refused, not taken for the first one.
+    alice.send_json(json!({"type": "message", "to": "bob", "message": "other", "msg_id": "c-1"})).await;
+    assert!(alice.expect_error("bad_frame").await.contains("msg_id \"c-1\" was already used"));
+    // The number 1 is not the string "1", nor someone else's "c-1".
+    alice.send_json(json!({"type": "message", "to": "bob", "message": "one", "msg_id": 1})).await;
+    let one = alice.expect_type("ack").await;
+    let received = messages(bob.sync().await);
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0]["id"], one["id"]);
+    bob.send_json(json!({"type": "message", "to": "alice", "message": "hello", "msg_id": "c-1"})).await;
+    assert_eq!(alice.expect_type("message").await["message"], "hello");
+
+    // Without acks, msg_ids are not looked at: the same frame is a new message each time.
+    let (mut old_client, _) = server.login("alice").await;
+    old_client.send_json(hello).await;
+    let again = bob.expect_type("message").await;
+    assert_ne!(again["id"], first["id"]);
+}
+
+/// Bob logs in, then Alice with acks; she sends him "hello" as `c-1` and he gets it. Returns
+/// Bob, Alice, her frame and its ack.
+async fn hello_with_acks(server: &TestServer) -> (Client, Client, Value, Value) {
+    let (mut bob, _) = server.login("bob").await;
+    let (mut alice, _) = server.login_with_acks("alice").await;
+    let hello = json!({"type": "message", "to": "bob", "message": "hello", "msg_id": "c-1"});
+    alice.send_json(hello.clone()).await;
+    let ack = alice.expect_type("ack").await;
+    assert_eq!(bob.expect_type("message").await["id"], ack["id"]);
+    (bob, alice, hello, ack)
+}
+
+/// The frames that are not `presence` (which come and go with the other side's connections).
+fn messages(frames: Vec<Value>) -> Vec<Value> {
+    frames.into_iter().filter(|frame| frame["type"] != "presence").collect()
+}
+
+/// A msg_id is remembered for a day (`MSG_ID_WINDOW`): an older one no longer names a message,
+/// and the writer deletes it.
+#[tokio::test]
+async fn a_msg_id_older_than_a_day_is_forgotten() {
+    let server = TestServer::start().await;
+    let (bob, alice, hello, first) = hello_with_acks(&server).await;
+    alice.close().await;
+    bob.close().await;
+    // A day and an hour pass. The writer deletes such rows when it starts (and every minute).
+    let remembered = "SELECT count(*) FROM sent_msg_ids";
+    assert_eq!(server.query_i64(remembered).await, 1, "recorded with the message");
+    server.execute_sql("UPDATE sent_msg_ids SET created_at = created_at - 90000").await;
+    let server = server.restart().await;
+    eventually("the old msg_id is deleted", || async { server.query_i64(remembered).await == 0 }).await;
+    let (mut alice, _) = server.login_with_acks("alice").await;
+    let (mut bob, _) = server.login("bob").await;
+    alice.sync().await;
+    alice.send_json(hello).await;
+    let second = alice.expect_type("ack").await;
+    assert_ne!(second["id"], first["id"], "stored anew");
+    assert_eq!(bob.expect_type("message").await["id"], second["id"]);
+    assert_eq!(server.query_i64(remembered).await, 1, "the new one is recorded");
 }

@@ -2,7 +2,7 @@
 
 use privora::store::postgres::PostgresStore;
 use privora::store::sqlite::{IndexPolicy, SqliteStore};
-use privora::store::{NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use privora::store::{Appended, NewMessage, Store, StoreError, StoredMessage, UserRecord};
 use privora_protocol::Contact;
 use serde_json::json;
 
@@ -49,6 +49,7 @@ fn message(from: &str, to: &str, text: &str) -> NewMessage {
         recipient: to.into(),
         message: text.into(),
         msg_id: None,
+        idempotent: false,
     }
 }
 
@@ -132,6 +133,46 @@ async fn conformance(store: &dyn Store) {
     assert_eq!(ids(store.pending("b").await.unwrap()), vec![more[1].id]);
     assert_eq!(ids(store.pending("a").await.unwrap()), vec![third.id, to_a.id]);
 
+    // Idempotent messages: a sender's msg_id names one message. Sent again, in the same batch or
+    // later, it is that message; under a used msg_id another message is refused; another
+    // sender's msg_id, a number for a string, or a message that is not idempotent, is new.
+    let idempotent = |from: &str, to: &str, text: &str, msg_id: serde_json::Value| NewMessage {
+        msg_id: Some(msg_id),
+        idempotent: true,
+        ..message(from, to, text)
+    };
+    // Queues the message and gives back its commit, to be awaited later (or not yet).
+    #[allow(clippy::async_yields_async)]
+    let append = |message: NewMessage| async move { store.writes().queue_append(message).await.unwrap() };
+    let (once, twice) = (
+        append(idempotent("a", "b", "hi", json!("k"))).await,
+        append(idempotent("a", "b", "hi", json!("k"))).await,
+    );
+    let Ok(Appended::New(stored)) = once.await else { panic!("stored the first time") };
+    assert_eq!(
+        twice.await.unwrap(),
+        Appended::Again(stored.clone()),
+        "queued before the first was committed"
+    );
+    assert_eq!(
+        append(idempotent("a", "b", "hi", json!("k"))).await.await.unwrap(),
+        Appended::Again(stored.clone())
+    );
+    for reused in [idempotent("a", "b", "other", json!("k")), idempotent("a", "c", "hi", json!("k"))] {
+        assert!(matches!(append(reused).await.await, Err(StoreError::MsgIdReused(id)) if id == "\"k\""));
+    }
+    for new in [
+        idempotent("c", "b", "hi", json!("k")),
+        idempotent("a", "b", "hi", json!(1)),
+        idempotent("a", "b", "hi", json!("1")),
+        NewMessage { msg_id: Some(json!("k")), ..message("a", "b", "hi") },
+    ] {
+        assert!(matches!(append(new).await.await, Ok(Appended::New(m)) if m.id > stored.id));
+    }
+    let pending = store.pending("b").await.unwrap();
+    assert_eq!(pending.iter().filter(|m| m.id == stored.id).count(), 1);
+    assert_eq!(pending.iter().filter(|m| m.id > stored.id).count(), 4);
+
     store.check().await.unwrap();
     store.close().await;
     assert!(matches!(store.append(message("a", "b", "late")).await, Err(StoreError::Closed)));
@@ -178,6 +219,31 @@ async fn sqlite_store_conformance_with_the_folds_rows_waiting() {
 
 /// A compaction starts once the waiting folds cover `compact_messages` messages, however few
 /// folds that is.
+/// The SQLite writer looks msg_ids up in memory (store/msg_ids.rs); a restart reads them back,
+/// whether or not their messages were folded into the indexes yet.
+#[tokio::test]
+async fn sqlite_remembers_msg_ids_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let never = IndexPolicy {
+        rows: i64::MAX,
+        idle_rate: 0.0,
+        interval: std::time::Duration::from_secs(3600),
+        ..sqlite_policy(i64::MAX)
+    };
+    let hello = NewMessage { msg_id: Some(json!("k")), idempotent: true, ..message("a", "b", "hello") };
+    let store = SqliteStore::open_with(&path, 2, never).await.unwrap();
+    store.upsert_user(user("a", None)).await.unwrap();
+    store.upsert_user(user("b", None)).await.unwrap();
+    let first = store.append(hello.clone()).await.unwrap();
+    store.close().await;
+
+    let store = SqliteStore::open_with(&path, 2, never).await.unwrap();
+    let again = store.writes().queue_append(hello).await.unwrap().await.unwrap();
+    assert_eq!(again, Appended::Again(first));
+    store.close().await;
+}
+
 #[tokio::test]
 async fn sqlite_compaction_starts_once_the_waiting_folds_cover_enough_messages() {
     let dir = tempfile::tempdir().unwrap();

@@ -128,6 +128,20 @@ impl TestServer {
         }
     }
 
+    /// Runs a query that returns one integer (a count) on this server's database.
+    pub async fn query_i64(&self, sql: &str) -> i64 {
+        use sqlx::Connection;
+        if self.database_url.starts_with("postgres") {
+            let mut conn =
+                sqlx::PgConnection::connect(&self.database_url).await.expect("connect to PostgreSQL");
+            sqlx::query_scalar(sql).fetch_one(&mut conn).await.expect("SQL runs")
+        } else {
+            let mut conn =
+                sqlx::SqliteConnection::connect(&self.database_url).await.expect("connect to SQLite");
+            sqlx::query_scalar(sql).fetch_one(&mut conn).await.expect("SQL runs")
+        }
+    }
+
     pub fn server(&self) -> &RunningServer {
         self.server.as_ref().expect("server is running")
     }
@@ -410,6 +424,19 @@ impl Client {
 // --- deployment and operations (issue 7) -------------------------------------------------------
 
 /// The repository's root directory (where web/, deploy/ and tests/browser/ are).
+/// Waits (up to the patience) until `check` says yes.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "gave up waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
