@@ -6,7 +6,10 @@
 // it stored, so every message is followed by a `ping`: frames are handled in order, so its
 // `pong` means the message before it was stored, and an `error` before the `pong` is that
 // message's refusal. Each message carries a `msg_id`, which the server keeps, so a message
-// shown while it was being sent is recognised when it comes back in `history`.
+// shown while it was being sent is recognised when it comes back in `history`. The login asks
+// for acks (`"acks": true`): then the server takes a `msg_id` as the message's name, so a
+// message sent again after a lost connection is not stored (nor delivered) twice. The `ack`
+// frames themselves are not needed here (the `pong` says as much) and are ignored.
 
 const API = new URL("api/", document.baseURI);
 const WS_URL = (() => {
@@ -202,7 +205,7 @@ async function connect() {
   state.socket = socket;
   state.loggedIn = false;
   state.inFlight = [];
-  socket.onopen = () => socket.send(JSON.stringify({ type: "login", token }));
+  socket.onopen = () => socket.send(JSON.stringify({ type: "login", token, acks: true }));
   socket.onmessage = (event) => {
     let frame;
     try {
@@ -218,7 +221,7 @@ async function connect() {
     state.socket = null;
     state.loggedIn = false;
     // Messages that were on their way and not confirmed are sent again after the next login;
-    // the msg_id makes a second copy recognisable.
+    // the server knows them by their msg_id and does not store one twice.
     for (const entry of state.inFlight) {
       if (entry.message && entry.message.status === "sending") queueForSending(entry.message);
     }
