@@ -45,7 +45,7 @@ pub async fn run(target: &Target, pending: usize, senders: usize) -> anyhow::Res
         let (url, token, bar) = (target.ws_url.clone(), token.clone(), bar.clone());
         let count = pending / senders + usize::from(s < pending % senders);
         tasks.push(tokio::spawn(async move {
-            let mut ws = client::open(&url, &token).await?;
+            let mut ws = client::open(&url, &token, false).await?;
             for i in 0..count {
                 let frame = ClientFrame::Message {
                     to: "returning".into(),
@@ -79,7 +79,7 @@ pub async fn run(target: &Target, pending: usize, senders: usize) -> anyhow::Res
     let (mut received, mut duplicated) = (0, 0);
     let mut last_offline = None;
     let started = Instant::now();
-    client::log_in(&mut ws, &tokens[senders], |frame| {
+    client::log_in(&mut ws, &tokens[senders], false, |frame| {
         if let ServerFrame::Offline(m) = frame {
             received += 1;
             if !ids.insert(m.id) {

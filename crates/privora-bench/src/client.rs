@@ -29,8 +29,14 @@ pub async fn connect(url: &str) -> anyhow::Result<Ws> {
 
 /// Sends `login` and returns once the server has sent `contacts`. Every frame before it is
 /// handed to `before` (the catch-up scenario counts `offline` frames there).
-pub async fn log_in(ws: &mut Ws, token: &str, mut before: impl FnMut(&ServerFrame)) -> anyhow::Result<()> {
-    ws.send(text(&ClientFrame::Login { token: token.to_string(), acks: false })).await?;
+/// With `acks`, the login asks for them (docs/protocol.md).
+pub async fn log_in(
+    ws: &mut Ws,
+    token: &str,
+    acks: bool,
+    mut before: impl FnMut(&ServerFrame),
+) -> anyhow::Result<()> {
+    ws.send(text(&ClientFrame::Login { token: token.to_string(), acks })).await?;
     tokio::time::timeout(LOGIN_TIMEOUT, async {
         while let Some(message) = ws.next().await {
             let Message::Text(text) = message? else { continue };
@@ -48,9 +54,9 @@ pub async fn log_in(ws: &mut Ws, token: &str, mut before: impl FnMut(&ServerFram
 }
 
 /// Connects and logs in.
-pub async fn open(url: &str, token: &str) -> anyhow::Result<Ws> {
+pub async fn open(url: &str, token: &str, acks: bool) -> anyhow::Result<Ws> {
     let mut ws = connect(url).await?;
-    log_in(&mut ws, token, |_| {}).await?;
+    log_in(&mut ws, token, acks, |_| {}).await?;
     Ok(ws)
 }
 

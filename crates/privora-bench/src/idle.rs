@@ -39,7 +39,7 @@ pub async fn run(target: &Target, connections: usize) -> anyhow::Result<IdleRepo
     let before = target::rss_bytes(pid).context("cannot read the server's /proc status")?;
     let started = std::time::Instant::now();
     let bar = report::progress(connections as u64, "connecting");
-    let sockets = connect_all(&target.ws_url, &tokens, &bar).await?;
+    let sockets = connect_all(&target.ws_url, &tokens, false, &bar).await?;
     bar.finish_and_clear();
     let connect_secs = started.elapsed().as_secs_f64();
     // Keep reading (the server pings; tungstenite answers while the stream is polled).

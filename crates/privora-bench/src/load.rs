@@ -47,6 +47,11 @@ pub struct LoadArgs {
     /// Message text length in bytes.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// Clients log in with `"acks": true` and give every message a `msg_id` (`SENDER-SEQ`), as
+    /// a client that resends after a lost ack does: each message is then acknowledged to its
+    /// sender and recorded by its msg_id (idempotent). The relay ignores both.
+    #[arg(long)]
+    pub acks: bool,
 }
 
 /// Closed loop (a window of messages in flight per user) or open loop (a fixed total rate).
@@ -63,9 +68,13 @@ pub struct LoadReport {
     pub users: usize,
     pub pace: Pace,
     pub message_bytes: usize,
+    /// Whether the clients asked for acks and sent msg_ids (`--acks`).
+    pub acks: bool,
     pub measured_secs: f64,
     pub sent: u64,
     pub received: u64,
+    /// `ack` frames the senders got (with `--acks` against Privora: one per message sent).
+    pub acked: u64,
     pub lost: u64,
     pub duplicated: u64,
     /// `error` frames and failed connections during the run.
@@ -102,6 +111,7 @@ struct Shared {
     received: AtomicU64,
     in_window: AtomicU64,
     duplicated: AtomicU64,
+    acked: AtomicU64,
     errors: AtomicU64,
     stop: AtomicBool,
 }
@@ -136,7 +146,7 @@ pub async fn run(
     anyhow::ensure!(tokens.len() == args.users, "one token per user");
     target::raise_fd_limit();
     let bar = report::progress(tokens.len() as u64, "connecting");
-    let connections = connect_all(&target.ws_url, tokens, &bar).await?;
+    let connections = connect_all(&target.ws_url, tokens, args.acks, &bar).await?;
     bar.finish_and_clear();
 
     let shared = Arc::new(Shared {
@@ -156,6 +166,7 @@ pub async fn run(
         received: AtomicU64::new(0),
         in_window: AtomicU64::new(0),
         duplicated: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     });
@@ -180,6 +191,7 @@ pub async fn run(
             pace,
             args.users,
             args.size,
+            args.acks,
             start,
             end,
         )));
@@ -262,9 +274,11 @@ pub async fn run(
         users: args.users,
         pace,
         message_bytes: args.size,
+        acks: args.acks,
         measured_secs,
         sent,
         received,
+        acked: shared.acked.load(Ordering::Relaxed),
         lost: sent.saturating_sub(received),
         duplicated: shared.duplicated.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
@@ -301,6 +315,7 @@ fn per_message(before: Option<Duration>, after: Option<Duration>, messages: u64)
 pub async fn connect_all(
     url: &str,
     tokens: &[String],
+    acks: bool,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<(Sink, Stream)>> {
     let limit = Arc::new(Semaphore::new(CONNECT_PARALLELISM));
@@ -309,7 +324,7 @@ pub async fn connect_all(
         let (url, token, limit, bar) = (url.to_string(), token.clone(), limit.clone(), bar.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = limit.acquire_owned().await?;
-            let ws = client::open(&url, &token).await?;
+            let ws = client::open(&url, &token, acks).await?;
             bar.inc(1);
             anyhow::Ok(ws.split())
         }));
@@ -329,6 +344,7 @@ async fn send_loop(
     pace: Pace,
     users: usize,
     size: usize,
+    acks: bool,
     start: tokio::time::Instant,
     end: tokio::time::Instant,
 ) -> Sink {
@@ -372,7 +388,8 @@ async fn send_loop(
         while text.len() < size {
             text.push('x');
         }
-        let frame = ClientFrame::Message { to: format!("u{to}"), message: text, msg_id: None };
+        let msg_id = acks.then(|| serde_json::Value::from(format!("{me}-{seq}")));
+        let frame = ClientFrame::Message { to: format!("u{to}"), message: text, msg_id };
         if sink.send(client::text(&frame)).await.is_err() {
             shared.errors.fetch_add(1, Ordering::Relaxed);
             break;
@@ -429,6 +446,9 @@ async fn read_loop(
                 if closed_loop {
                     peer.slots.add_permits(1);
                 }
+            }
+            Ok(ServerFrame::Ack { .. }) => {
+                shared.acked.fetch_add(1, Ordering::Relaxed);
             }
             Ok(ServerFrame::Error { .. }) | Err(_) => {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
