@@ -393,22 +393,6 @@ async fn append_one(
 ) -> Result<Result<Appended, StoreError>, sqlx::Error> {
     let msg_id = message.msg_id.as_ref().map(|v| v.to_string());
     let key = msg_id.as_deref().filter(|_| message.idempotent);
-    if let Some(key) = key {
-        let first = sqlx::query(
-            "SELECT m.id, m.sender, m.sender_display_name, m.recipient, m.message, m.timestamp, m.client_msg_id
-             FROM sent_msg_ids s JOIN messages m ON m.id = s.message_id
-             WHERE s.sender = $1 AND s.msg_id = $2 AND s.created_at >= $3",
-        )
-        .bind(&message.sender)
-        .bind(key)
-        .bind(remembered_since())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = first {
-            let first = MessageRow::from_row(&row).map(StoredMessage::from)?;
-            return Ok(sent_again(first, &message));
-        }
-    }
     if !cache.users.contains(&message.recipient) {
         let known = sqlx::query("SELECT 1 FROM users WHERE user_id = $1")
             .bind(&message.recipient)
@@ -419,6 +403,11 @@ async fn append_one(
             return Ok(Err(StoreError::UnknownRecipient(message.recipient)));
         }
         cache.users.insert(message.recipient.clone());
+    }
+    if let Some(key) = key {
+        if let Some(first) = claim_msg_id(tx, &message.sender, key).await? {
+            return Ok(first.and_then(|first| sent_again(first, &message)));
+        }
     }
     // The message and its pending row in one round trip.
     let id: i64 = sqlx::query(
@@ -449,18 +438,55 @@ async fn append_one(
         cache.contacts.insert(pair);
     }
     if let Some(key) = key {
-        // Another node may have stored the same message a moment ago (a client that resent it
-        // there after reconnecting): then both are stored, rather than this batch failing.
-        sqlx::query(
-            "INSERT INTO sent_msg_ids (sender, msg_id, message_id, created_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&message.sender)
-        .bind(key)
-        .bind(id)
-        .bind(unix_now())
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("UPDATE sent_msg_ids SET message_id = $3 WHERE sender = $1 AND msg_id = $2")
+            .bind(&message.sender)
+            .bind(key)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(Ok(Appended::New(message.stored(id, timestamp))))
+}
+
+/// Claims a sender's `msg_id` for the message about to be stored (its row says message 0 until
+/// the message has its id), or finds the message it already names: `Some` of that message.
+///
+/// Claiming first makes it exact across nodes: a node whose batch holds the same msg_id
+/// uncommitted makes this insert wait for that commit (PostgreSQL waits on the conflicting
+/// row), and then it names that message. A row past the window is taken over.
+async fn claim_msg_id(
+    tx: &mut PgConnection,
+    sender: &str,
+    key: &str,
+) -> Result<Option<Result<StoredMessage, StoreError>>, sqlx::Error> {
+    let claimed = sqlx::query(
+        "INSERT INTO sent_msg_ids (sender, msg_id, message_id, created_at) VALUES ($1, $2, 0, $3)
+         ON CONFLICT (sender, msg_id) DO UPDATE SET message_id = 0, created_at = excluded.created_at
+             WHERE sent_msg_ids.created_at < $4
+         RETURNING 1",
+    )
+    .bind(sender)
+    .bind(key)
+    .bind(unix_now())
+    .bind(remembered_since())
+    .fetch_optional(&mut *tx)
+    .await?
+    .is_some();
+    if claimed {
+        return Ok(None);
+    }
+    let first = sqlx::query(
+        "SELECT m.id, m.sender, m.sender_display_name, m.recipient, m.message, m.timestamp, m.client_msg_id
+         FROM sent_msg_ids s JOIN messages m ON m.id = s.message_id
+         WHERE s.sender = $1 AND s.msg_id = $2",
+    )
+    .bind(sender)
+    .bind(key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(Some(match first {
+        Some(row) => Ok(MessageRow::from_row(&row).map(StoredMessage::from)?),
+        // A committed row always names a stored message (messages are never deleted).
+        None => Err(StoreError::Database(format!("msg_id {key} names no stored message"))),
+    }))
 }

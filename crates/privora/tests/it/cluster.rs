@@ -84,6 +84,26 @@ async fn users_on_different_nodes_chat_live_and_see_each_other() {
     alice.expect_silence().await;
 }
 
+/// The same idempotent message sent through two nodes at the same moment (a client that
+/// resent it through another node before the first answered) is stored once: the second
+/// node's commit waits for the first's and then takes its message.
+#[tokio::test]
+async fn a_message_resent_through_another_node_at_the_same_moment_is_stored_once() {
+    let (_redis, one, two) = two_nodes().await;
+    let (mut bob, _) = one.login("bob").await;
+    let (mut on_one, _) = one.login_with_acks("alice").await;
+    let (mut on_two, _) = two.login_with_acks("alice").await;
+    for i in 0..40 {
+        let frame =
+            serde_json::json!({"type": "message", "to": "bob", "message": format!("m{i}"), "msg_id": i});
+        tokio::join!(on_one.send_json(frame.clone()), on_two.send_json(frame.clone()));
+        let (a, b) = tokio::join!(on_one.expect_type("ack"), on_two.expect_type("ack"));
+        assert_eq!(a["id"], b["id"], "one message for msg_id {i}: {a} and {b}");
+    }
+    assert_eq!(read_messages(&mut bob, 40).await.len(), 40);
+    assert!(bob.sync().await.iter().all(|f| f["type"] != "message"), "no second copies");
+}
+
 #[tokio::test]
 async fn a_killed_node_s_users_go_offline_and_get_every_message_on_another_node() {
     let (_redis, one, mut two) = two_nodes().await;

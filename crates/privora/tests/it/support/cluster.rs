@@ -166,6 +166,14 @@ impl Node {
         (client, burst)
     }
 
+    /// Logs in asking for acks (docs/protocol.md).
+    pub async fn login_with_acks(&self, user: &str) -> (Client, Burst) {
+        let mut client = self.connect().await;
+        client.send_json(serde_json::json!({"type": "login", "token": token(user), "acks": true})).await;
+        let burst = client.login_burst().await;
+        (client, burst)
+    }
+
     /// SIGKILL: no goodbye, no cleanup; what it held must survive elsewhere.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
