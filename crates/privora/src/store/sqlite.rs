@@ -780,6 +780,8 @@ impl Writer {
     fn write_batch(&mut self, work: Vec<WriteOp>) -> Result<Vec<Outcome>, (rusqlite::Error, Vec<Outcome>)> {
         let mut outcomes = Vec::with_capacity(work.len());
         let timestamp = now_iso8601();
+        // Until this batch has its first id, a failure has nothing of it to take back.
+        self.batch_from = i64::MAX;
         let tx = match Tx::begin(&self.conn) {
             Ok(tx) => tx,
             Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
