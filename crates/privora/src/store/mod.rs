@@ -55,12 +55,6 @@ pub enum Appended {
 }
 
 impl Appended {
-    pub fn message(&self) -> &StoredMessage {
-        match self {
-            Appended::New(message) | Appended::Again(message) => message,
-        }
-    }
-
     pub fn into_message(self) -> StoredMessage {
         match self {
             Appended::New(message) | Appended::Again(message) => message,
@@ -289,10 +283,6 @@ pub fn unix_now() -> i64 {
 pub fn remembered_since() -> i64 {
     unix_now() - MSG_ID_WINDOW.as_secs() as i64
 }
-
-/// Most `sent_msg_ids` rows one prune deletes: a prune is a short pause for the writer. A prune
-/// that deleted this many goes on at the writer's next chance rather than a minute later.
-pub const PRUNE_ROWS: i64 = 10_000;
 
 /// How often the writers delete `sent_msg_ids` rows older than `MSG_ID_WINDOW`.
 pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);

@@ -23,13 +23,17 @@ use super::sqlite::now_iso8601;
 use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
 use super::{
     contacts_by_name, remembered_since, sent_again, unix_now, Appended, MessageRow, NewMessage, Store,
-    StoreError, StoredMessage, UserRecord, PRUNE_EVERY, PRUNE_ROWS,
+    StoreError, StoredMessage, UserRecord, PRUNE_EVERY,
 };
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
 /// How long an operation waits for a pooled connection before the database counts as down.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most `sent_msg_ids` rows one prune deletes: a prune is a short pause for the writer. A prune
+/// that deleted this many goes on with the next batch rather than a minute later. (The SQLite
+/// writer deletes a range of its table's rowids instead: no limit needed.)
+const PRUNE_ROWS: i64 = 10_000;
 /// Attempts of a read before `Unavailable` reaches the caller, and the pause between them.
 const READ_ATTEMPTS: u32 = 3;
 const READ_RETRY_PAUSE: Duration = Duration::from_millis(300);
