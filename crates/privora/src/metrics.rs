@@ -5,19 +5,21 @@
 //! once, at the first server start, and shared by every server of the process (tests start
 //! many). Gauges that describe the state of the world rather than events (pending messages,
 //! online users) are read when Prometheus scrapes, not kept up to date on every change.
+//!
+//! Histograms are this module's own (`FixedHistogram`: fixed buckets in atomic counters),
+//! rendered after the recorder's counters and gauges; see that type for why.
 
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Gauge,
-    Histogram, Unit,
-};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use privora_protocol::{Contact, ErrorCode};
 
 use crate::server::AppState;
@@ -44,16 +46,12 @@ const QUEUE_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
-/// Handles of the metrics recorded for every message, registered once: looking a metric up by
-/// name hashes its key and takes a lock, several times per message otherwise.
+/// Handles of the counters and gauges recorded for every message, registered once: looking a
+/// metric up by name hashes its key and takes a lock, several times per message otherwise.
 struct Hot {
     messages_in: Counter,
     messages_out: Counter,
-    delivery_latency: Histogram,
-    outbound_queue: Histogram,
     store_queue: Gauge,
-    append_ok: Histogram,
-    delivered_ok: Histogram,
 }
 
 static HOT: OnceLock<Hot> = OnceLock::new();
@@ -63,17 +61,158 @@ fn hot() -> Option<&'static Hot> {
     HOT.get()
 }
 
+/// A store operation, as `privora_store_latency_seconds` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOp {
+    Append,
+    MarkDelivered,
+    Pending,
+    Latest,
+    Contacts,
+    UpsertUser,
+    DisplayName,
+    SearchUsers,
+}
+
+impl StoreOp {
+    /// Every op, in declaration order (`op as usize` is its place here).
+    const ALL: [StoreOp; 8] = [
+        StoreOp::Append,
+        StoreOp::MarkDelivered,
+        StoreOp::Pending,
+        StoreOp::Latest,
+        StoreOp::Contacts,
+        StoreOp::UpsertUser,
+        StoreOp::DisplayName,
+        StoreOp::SearchUsers,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::Append => "append",
+            StoreOp::MarkDelivered => "mark_delivered",
+            StoreOp::Pending => "pending",
+            StoreOp::Latest => "latest",
+            StoreOp::Contacts => "contacts",
+            StoreOp::UpsertUser => "upsert_user",
+            StoreOp::DisplayName => "display_name",
+            StoreOp::SearchUsers => "search_users",
+        }
+    }
+}
+
+/// A Prometheus histogram with fixed buckets, counted in atomics.
+///
+/// The exporter's histograms keep every sample in lock-free blocks of 64 until its upkeep
+/// folds them, and allocate a block of over a kilobyte every 64 samples: past glibc's
+/// per-thread cache, so `malloc` takes its slow path and first consolidates its free lists,
+/// which sends the small allocations after it down the slow path too. Three samples a message
+/// made that most of the tokio workers' allocator time (`perf`, session 13). Here recording
+/// is a search of a dozen bounds and two atomic updates.
+struct FixedHistogram {
+    bounds: &'static [f64],
+    /// One per bound, then the `+Inf` bucket; not cumulative (summed when rendered).
+    counts: Box<[AtomicU64]>,
+    /// The sum of the samples, as `f64` bits.
+    sum: AtomicU64,
+}
+
+impl FixedHistogram {
+    fn new(bounds: &'static [f64]) -> FixedHistogram {
+        FixedHistogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    fn record(&self, value: f64) {
+        // The first bucket whose bound is at least the value (Prometheus's `le`).
+        let bucket = self.bounds.partition_point(|&bound| bound < value);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let _ = self.sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+            Some((f64::from_bits(bits) + value).to_bits())
+        });
+    }
+
+    fn count(&self) -> u64 {
+        self.counts.iter().map(|count| count.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The series' lines in the Prometheus text format; `labels` as `a="x",b="y"` or empty.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let comma = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = match self.bounds.get(i) {
+                Some(bound) => writeln!(out, "{name}_bucket{{{labels}{comma}le=\"{bound}\"}} {cumulative}"),
+                None => writeln!(out, "{name}_bucket{{{labels}{comma}le=\"+Inf\"}} {cumulative}"),
+            };
+        }
+        let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let sum = f64::from_bits(self.sum.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}_sum{braced} {sum}");
+        let _ = writeln!(out, "{name}_count{braced} {cumulative}");
+    }
+}
+
+/// Every histogram, process-wide like the recorder.
+struct Histograms {
+    delivery_latency: FixedHistogram,
+    outbound_queue: FixedHistogram,
+    /// By `StoreOp` (in `StoreOp::ALL`'s order): ok, then error.
+    store_latency: Vec<[FixedHistogram; 2]>,
+}
+
+static HISTOGRAMS: LazyLock<Histograms> = LazyLock::new(|| Histograms {
+    delivery_latency: FixedHistogram::new(LATENCY_BUCKETS),
+    outbound_queue: FixedHistogram::new(QUEUE_BUCKETS),
+    store_latency: StoreOp::ALL
+        .iter()
+        .map(|_| [FixedHistogram::new(LATENCY_BUCKETS), FixedHistogram::new(LATENCY_BUCKETS)])
+        .collect(),
+});
+
+impl Histograms {
+    /// The histograms in the Prometheus text format: a family once it has a sample.
+    fn render(&self, out: &mut String) {
+        // A blank line before each family, as the recorder separates its own.
+        let family = |out: &mut String, name: &str, help: &str| {
+            let _ = writeln!(out, "\n# HELP {name} {help}\n# TYPE {name} histogram");
+        };
+        if self.delivery_latency.count() > 0 {
+            family(out, DELIVERY_LATENCY, "live messages: from commit to the recipient's socket");
+            self.delivery_latency.render(out, DELIVERY_LATENCY, "");
+        }
+        let mut named = false;
+        for (op, [ok, error]) in StoreOp::ALL.iter().zip(&self.store_latency) {
+            for (histogram, result) in [(ok, "ok"), (error, "error")] {
+                if histogram.count() == 0 {
+                    continue;
+                }
+                if !named {
+                    family(out, STORE_LATENCY, "store operations by op and result");
+                    named = true;
+                }
+                histogram.render(out, STORE_LATENCY, &format!("op=\"{}\",result=\"{result}\"", op.as_str()));
+            }
+        }
+        if self.outbound_queue.count() > 0 {
+            family(out, OUTBOUND_QUEUE, "frames queued for a connection when its writer wakes");
+            self.outbound_queue.render(out, OUTBOUND_QUEUE, "");
+        }
+    }
+}
+
 /// Installs the process-wide recorder (once) and returns its handle; None when another recorder
 /// was installed first (then `/metrics` says so).
 pub fn install() -> Option<PrometheusHandle> {
     RECORDER
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(OUTBOUND_QUEUE.into()), QUEUE_BUCKETS));
-            let handle = match builder.map(|b| b.install_recorder()) {
-                Ok(Ok(handle)) => handle,
-                Ok(Err(error)) | Err(error) => {
+            let handle = match PrometheusBuilder::new().install_recorder() {
+                Ok(handle) => handle,
+                Err(error) => {
                     tracing::warn!(%error, "metrics are off: cannot install the Prometheus recorder");
                     return None;
                 }
@@ -82,11 +221,7 @@ pub fn install() -> Option<PrometheusHandle> {
             let _ = HOT.set(Hot {
                 messages_in: counter!(MESSAGES_IN),
                 messages_out: counter!(MESSAGES_OUT),
-                delivery_latency: histogram!(DELIVERY_LATENCY),
-                outbound_queue: histogram!(OUTBOUND_QUEUE),
                 store_queue: gauge!(STORE_QUEUE),
-                append_ok: histogram!(STORE_LATENCY, "op" => "append", "result" => "ok"),
-                delivered_ok: histogram!(STORE_LATENCY, "op" => "mark_delivered", "result" => "ok"),
             });
             Some(handle)
         })
@@ -99,14 +234,7 @@ fn describe() {
     describe_counter!(LOGINS, "login attempts by result (ok, invalid_token, failed)");
     describe_counter!(MESSAGES_IN, "messages accepted from senders (stored)");
     describe_counter!(MESSAGES_OUT, "message frames written to recipients (live and offline)");
-    describe_histogram!(
-        DELIVERY_LATENCY,
-        Unit::Seconds,
-        "live messages: from commit to the recipient's socket"
-    );
-    describe_histogram!(STORE_LATENCY, Unit::Seconds, "store operations by op and result");
     describe_gauge!(STORE_QUEUE, "writes waiting for the store's writer (group commit)");
-    describe_histogram!(OUTBOUND_QUEUE, "frames queued for a connection when its writer wakes");
     describe_counter!(ERRORS, "error frames (websocket) and error responses (http) by code");
     describe_gauge!(PENDING, "messages stored and not yet confirmed delivered (read at scrape)");
     describe_gauge!(ONLINE_USERS, "users with at least one connection to this node (read at scrape)");
@@ -158,14 +286,14 @@ pub fn message_out(committed: Option<Instant>) {
     let Some(hot) = hot() else { return };
     hot.messages_out.increment(1);
     if let Some(at) = committed {
-        hot.delivery_latency.record(at.elapsed().as_secs_f64());
+        HISTOGRAMS.delivery_latency.record(at.elapsed().as_secs_f64());
     }
 }
 
 /// Frames waiting in a connection's outbound queue.
 pub fn outbound_queue(depth: usize) {
-    if let Some(hot) = hot() {
-        hot.outbound_queue.record(depth as f64);
+    if hot().is_some() {
+        HISTOGRAMS.outbound_queue.record(depth as f64);
     }
 }
 
@@ -205,21 +333,9 @@ pub async fn render(State(state): State<Arc<AppState>>) -> Response {
         Err(error) => tracing::debug!(%error, "cannot count pending messages for /metrics"),
     }
     gauge!(ONLINE_USERS).set(state.hub.online_users() as f64);
-    handle.run_upkeep();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render()).into_response()
-}
-
-/// Histograms are folded on every scrape and also every few seconds, so that a server nobody
-/// scrapes does not keep every sample. Runs until `stop` is cancelled.
-pub async fn upkeep(stop: tokio_util::sync::CancellationToken) {
-    let Some(handle) = install() else { return };
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => handle.run_upkeep(),
-        }
-    }
+    let mut text = handle.render();
+    HISTOGRAMS.render(&mut text);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 /// A `Store` that times every operation of the one it wraps (`privora_store_latency_seconds`
@@ -228,7 +344,7 @@ pub async fn upkeep(stop: tokio_util::sync::CancellationToken) {
 pub struct MeteredStore(pub Arc<dyn Store>);
 
 async fn timed<T>(
-    op: &'static str,
+    op: StoreOp,
     work: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
     let started = Instant::now();
@@ -238,15 +354,11 @@ async fn timed<T>(
 }
 
 /// One store operation took `seconds` (for a queued write: from queueing to commit).
-pub fn store_op(op: &'static str, seconds: f64, ok: bool) {
-    match (op, ok, hot()) {
-        ("append", true, Some(hot)) => hot.append_ok.record(seconds),
-        ("mark_delivered", true, Some(hot)) => hot.delivered_ok.record(seconds),
-        (_, ok, _) => {
-            let outcome = if ok { "ok" } else { "error" };
-            histogram!(STORE_LATENCY, "op" => op, "result" => outcome).record(seconds);
-        }
+pub fn store_op(op: StoreOp, seconds: f64, ok: bool) {
+    if hot().is_none() {
+        return;
     }
+    HISTOGRAMS.store_latency[op as usize][usize::from(!ok)].record(seconds);
 }
 
 #[async_trait]
@@ -257,22 +369,22 @@ impl Store for MeteredStore {
         self.0.writes()
     }
     async fn pending(&self, recipient: &str) -> Result<Vec<StoredMessage>, StoreError> {
-        timed("pending", self.0.pending(recipient)).await
+        timed(StoreOp::Pending, self.0.pending(recipient)).await
     }
     async fn latest(&self, user: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
-        timed("latest", self.0.latest(user, limit)).await
+        timed(StoreOp::Latest, self.0.latest(user, limit)).await
     }
     async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError> {
-        timed("contacts", self.0.contacts(user)).await
+        timed(StoreOp::Contacts, self.0.contacts(user)).await
     }
     async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
-        timed("upsert_user", self.0.upsert_user(user)).await
+        timed(StoreOp::UpsertUser, self.0.upsert_user(user)).await
     }
     async fn display_name(&self, user_id: &str) -> Result<Option<String>, StoreError> {
-        timed("display_name", self.0.display_name(user_id)).await
+        timed(StoreOp::DisplayName, self.0.display_name(user_id)).await
     }
     async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<Contact>, StoreError> {
-        timed("search_users", self.0.search_users(query, limit)).await
+        timed(StoreOp::SearchUsers, self.0.search_users(query, limit)).await
     }
     async fn pending_count(&self) -> Result<Option<u64>, StoreError> {
         self.0.pending_count().await
@@ -282,5 +394,33 @@ impl Store for MeteredStore {
     }
     async fn close(&self) {
         self.0.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fixed_histogram_renders_cumulative_buckets_its_sum_and_count() {
+        let histogram = FixedHistogram::new(&[0.5, 1.0, 2.5]);
+        for value in [0.1, 0.5, 0.7, 3.0] {
+            histogram.record(value);
+        }
+        let mut text = String::new();
+        histogram.render(&mut text, "x_seconds", "op=\"a\"");
+        assert_eq!(
+            text,
+            "x_seconds_bucket{op=\"a\",le=\"0.5\"} 2\n\
+             x_seconds_bucket{op=\"a\",le=\"1\"} 3\n\
+             x_seconds_bucket{op=\"a\",le=\"2.5\"} 3\n\
+             x_seconds_bucket{op=\"a\",le=\"+Inf\"} 4\n\
+             x_seconds_sum{op=\"a\"} 4.3\n\
+             x_seconds_count{op=\"a\"} 4\n"
+        );
+        let mut text = String::new();
+        histogram.render(&mut text, "y", "");
+        assert!(text.starts_with("y_bucket{le=\"0.5\"} 2\n"));
+        assert!(text.ends_with("y_sum 4.3\ny_count 4\n"));
     }
 }

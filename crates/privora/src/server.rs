@@ -91,7 +91,6 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     if let Broker::Redis(redis) = state.hub.broker() {
         crate::hub::redis::spawn(state.clone(), redis.clone());
     }
-    tokio::spawn(crate::metrics::upkeep(state.shutdown.clone()));
     let app = crate::api::router(state.clone());
     let stop = state.shutdown.clone();
     // Without TCP_NODELAY a frame written while the connection's previous one is unacknowledged

@@ -400,7 +400,7 @@ async fn catch_up(state: &AppState) {
         match state.store.pending(&user).await {
             Ok(messages) => {
                 for message in messages {
-                    state.hub.deliver_local(&user, crate::session::live_frame(message).1);
+                    state.hub.deliver_local(&user, crate::session::live_frame(message));
                 }
             }
             Err(error) => {

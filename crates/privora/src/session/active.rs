@@ -18,15 +18,17 @@ use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::SplitStream;
-use privora_protocol::{ClientFrame, ServerFrame};
+use privora_protocol::{ClientFrame, LiveFrameStart, ServerFrame};
+use serde_json::Value;
+use tokio::sync::mpsc;
 
 use super::presence::Online;
-use super::{binary_frame, live_frame, lock, Conn};
+use super::{binary_frame, lock, Conn};
 use crate::error::Error;
 use crate::hub::{OutFrame, Outbound};
 use crate::metrics;
 use crate::server::AppState;
-use crate::store::{Appended, Commit, NewMessage, StoreError, StoredMessage};
+use crate::store::{Appended, Commit, Full, NewMessage, Queued, Receipt, StoreError};
 
 /// Frames whose steps may wait unsettled before the reader stops reading: the client's
 /// pipeline depth that still gains from sharing commits, and a bound on what one connection
@@ -48,18 +50,45 @@ pub(super) struct Active {
 /// What a frame still owes, settled in the order the frames came.
 enum Step {
     /// A message queued with the store: routed once committed, or refused with an error frame.
-    Store(Commit<Appended>),
+    Store(Commit<Appended>, Unrouted),
     /// Deliveries the client confirmed, queued with the store; a failure is only logged.
     Confirm(Commit<()>),
     /// A frame for the client (an error, a `pong`), queued once everything before it is.
     Send(Outbound),
 }
 
+/// What routing a queued message takes once it is committed, kept by the session (the store's
+/// writer gets the message itself and drops it once written).
+struct Unrouted {
+    recipient: String,
+    /// Encoded from the sender's frame as soon as it was read (see `LiveFrameStart`).
+    frame: LiveFrameStart,
+    /// For the `ack`, when the client asked for acks.
+    msg_id: Option<Value>,
+}
+
 /// A step, settled.
 enum Settled {
-    Stored(Result<Appended, StoreError>),
+    Stored(Result<Appended, StoreError>, Unrouted),
     Confirmed(Result<(), StoreError>),
     Send(Outbound),
+}
+
+/// What handling a frame came to.
+enum Handled {
+    Flow(ControlFlow<()>),
+    /// Boxed: only the rare paths allocate it.
+    Wait(Box<Wait>),
+}
+
+/// What a frame has to wait for before the next is read: rare.
+enum Wait {
+    /// The store's queue is full: the message waits for room, then is a step like any other.
+    Store(Full<Appended>, Unrouted),
+    /// The same for a pong's confirmations.
+    Confirm(Full<()>),
+    /// Reading failed: what earlier frames owe goes out, then the answer to this one.
+    ReadFailed(axum::Error),
 }
 
 /// What the reader does next.
@@ -85,17 +114,25 @@ impl Active {
             let flow = match next {
                 Next::Settle(settled) => {
                     if let Some(outbound) = self.settled(settled) {
-                        // Boxed: waiting on the queue would otherwise be part of every idle
-                        // connection's state.
-                        let _ = Box::pin(self.conn.out.send(outbound)).await;
+                        match self.conn.out.try_send(outbound) {
+                            // Boxed: waiting on the queue would otherwise be part of every
+                            // idle connection's state.
+                            Err(mpsc::error::TrySendError::Full(outbound)) => {
+                                let _ = Box::pin(self.conn.out.send(outbound)).await;
+                            }
+                            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                        }
                     }
                     ControlFlow::Continue(())
                 }
                 Next::Frame(None) => ControlFlow::Break(()),
-                // Handling a frame (queueing a message, confirming deliveries, answering) takes
-                // a future many times the size of waiting for one: boxed, it costs memory only
-                // while it runs, not for as long as the connection sits idle.
-                Next::Frame(Some(message)) => Box::pin(self.handle(message, &mut steps)).await,
+                Next::Frame(Some(message)) => match self.handle(message, &mut steps) {
+                    Handled::Flow(flow) => flow,
+                    // The rare paths that wait take a future many times the size of waiting
+                    // for a frame: boxed, it costs memory only while it runs, not for as long
+                    // as the connection sits idle.
+                    Handled::Wait(wait) => Box::pin(self.wait(*wait, &mut steps)).await,
+                },
             };
             if let ControlFlow::Break(()) = flow {
                 break;
@@ -122,15 +159,22 @@ impl Active {
     fn settled(&mut self, settled: Settled) -> Option<Outbound> {
         match settled {
             // Sent again after a lost ack: stored and routed the first time, acked again now.
-            Settled::Stored(Ok(Appended::Again(stored))) => self.acks.then(|| ack_frame(&stored)),
-            Settled::Stored(Ok(Appended::New(stored))) => {
-                metrics::message_in();
-                let ack = self.acks.then(|| ack_frame(&stored));
-                let (recipient, frame) = live_frame(stored);
-                self.state.hub.send(&recipient, frame);
-                ack
+            Settled::Stored(Ok(Appended::Again(receipt)), unrouted) => {
+                self.acks.then(|| ack_frame(&receipt, unrouted.msg_id))
             }
-            Settled::Stored(Err(error)) => Some(self.conn.error_frame(&Error::from(error))),
+            Settled::Stored(Ok(Appended::New(receipt)), unrouted) => {
+                metrics::message_in();
+                let text = unrouted.frame.finish(&receipt.timestamp, receipt.id);
+                // Delivery latency is measured from here: the message was committed just before.
+                let frame = OutFrame {
+                    text: text.into(),
+                    delivers: Some(receipt.id),
+                    committed: Some(Instant::now()),
+                };
+                self.state.hub.send(&unrouted.recipient, frame);
+                self.acks.then(|| ack_frame(&receipt, unrouted.msg_id))
+            }
+            Settled::Stored(Err(error), _) => Some(self.conn.error_frame(&Error::from(error))),
             Settled::Confirmed(Ok(())) => None,
             Settled::Confirmed(Err(error)) => {
                 // Not fatal: the messages stay pending and come again at the next login.
@@ -141,58 +185,85 @@ impl Active {
         }
     }
 
-    async fn handle(
-        &mut self,
-        message: Result<Message, axum::Error>,
-        steps: &mut VecDeque<Step>,
-    ) -> ControlFlow<()> {
+    /// Handles one frame without waiting for anything: the common paths (a message queued
+    /// with the store, a pong's confirmations, a ping) take no future. An `async fn` here made
+    /// a future of over 1,100 bytes for every frame, allocated and freed each time, and past
+    /// what glibc's per-thread cache serves (1,032 bytes): malloc's slow path on every frame
+    /// (`perf`, session 13: most of the workers' allocator samples). What has to wait comes
+    /// back as a `Wait`.
+    fn handle(&mut self, message: Result<Message, axum::Error>, steps: &mut VecDeque<Step>) -> Handled {
         let message = match message {
             Ok(message) => message,
-            Err(error) => {
+            Err(error) => return Handled::Wait(Box::new(Wait::ReadFailed(error))),
+        };
+        match message {
+            Message::Text(text) => match self.handle_text(&text, steps) {
+                Ok(None) => {}
+                Ok(Some(wait)) => return Handled::Wait(Box::new(wait)),
+                Err(error) => steps.push_back(Step::Send(self.conn.error_frame(&error))),
+            },
+            Message::Binary(_) => steps.push_back(Step::Send(self.conn.error_frame(&binary_frame()))),
+            Message::Pong(payload) => {
+                if let Some(wait) = self.confirm(&payload, steps) {
+                    return Handled::Wait(Box::new(wait));
+                }
+            }
+            Message::Ping(_) => {}
+            Message::Close(_) => return Handled::Flow(ControlFlow::Break(())),
+        }
+        Handled::Flow(ControlFlow::Continue(()))
+    }
+
+    /// What a frame left to wait for.
+    async fn wait(&mut self, wait: Wait, steps: &mut VecDeque<Step>) -> ControlFlow<()> {
+        match wait {
+            Wait::Store(full, unrouted) => match full.wait(self.state.store.writes()).await {
+                Ok(commit) => steps.push_back(Step::Store(commit, unrouted)),
+                Err(error) => steps.push_back(Step::Send(self.conn.error_frame(&Error::from(error)))),
+            },
+            Wait::Confirm(full) => match full.wait(self.state.store.writes()).await {
+                Ok(commit) => steps.push_back(Step::Confirm(commit)),
+                Err(error) => {
+                    tracing::warn!(conn = self.conn.id, %error, "could not mark messages delivered")
+                }
+            },
+            Wait::ReadFailed(error) => {
                 // What earlier frames owe goes out before the answer to this one.
                 self.settle_all(steps).await;
                 self.conn.read_failed(error, self.state.config.max_frame_bytes).await;
                 return ControlFlow::Break(());
             }
-        };
-        match message {
-            Message::Text(text) => {
-                if let Err(error) = self.handle_text(&text, steps).await {
-                    steps.push_back(Step::Send(self.conn.error_frame(&error)));
-                }
-            }
-            Message::Binary(_) => steps.push_back(Step::Send(self.conn.error_frame(&binary_frame()))),
-            Message::Pong(payload) => self.confirm(&payload, steps).await,
-            Message::Ping(_) => {}
-            Message::Close(_) => return ControlFlow::Break(()),
         }
         ControlFlow::Continue(())
     }
 
-    async fn handle_text(&mut self, text: &str, steps: &mut VecDeque<Step>) -> Result<(), Error> {
+    fn handle_text(&mut self, text: &str, steps: &mut VecDeque<Step>) -> Result<Option<Wait>, Error> {
         self.conn.check_size(text, self.state.config.max_frame_bytes)?;
         match ClientFrame::decode(text)? {
             ClientFrame::Message { to, message, msg_id } => {
-                let commit = self.send(to, message, msg_id).await?;
-                steps.push_back(Step::Store(commit));
-                Ok(())
+                let (queued, unrouted) = self.send(to, message, msg_id)?;
+                match queued {
+                    Queued::Now(commit) => steps.push_back(Step::Store(commit, unrouted)),
+                    Queued::Full(full) => return Ok(Some(Wait::Store(full, unrouted))),
+                }
+                Ok(None)
             }
             ClientFrame::Ping => {
                 steps.push_back(Step::Send(Outbound::Pong));
-                Ok(())
+                Ok(None)
             }
             ClientFrame::Login { .. } => Err(Error::BadFrame("already logged in".into())),
         }
     }
 
-    /// Checks a message and queues it with the store; it is routed once committed (nobody hears
-    /// of it before).
-    async fn send(
+    /// Checks a message and queues it with the store (if its queue has room); it is routed
+    /// once committed (nobody hears of it before).
+    fn send(
         &mut self,
         to: String,
         message: String,
         msg_id: Option<serde_json::Value>,
-    ) -> Result<Commit<Appended>, Error> {
+    ) -> Result<(Queued<Appended>, Unrouted), Error> {
         let config = &self.state.config;
         if to.is_empty() {
             return Err(Error::BadFrame("field \"to\" is empty".into()));
@@ -217,51 +288,48 @@ impl Active {
                 return Err(Error::RateLimited(limiter.per_second));
             }
         }
-        let commit = self
-            .state
-            .store
-            .writes()
-            .queue_append(NewMessage {
-                sender: self.user_id.clone(),
-                sender_display_name: self.display_name.clone(),
-                recipient: to,
-                message,
-                // With acks, the client can tell what was stored and resends the rest after a
-                // reconnect: its msg_id names the message. Without, msg_ids are the client's own
-                // business (the original protocol says nothing of their being unique).
-                idempotent: self.acks && msg_id.is_some(),
-                msg_id,
-            })
-            .await?;
-        Ok(commit)
+        let unrouted = Unrouted {
+            frame: LiveFrameStart::new(&self.user_id, &self.display_name, &to, &message, msg_id.as_ref()),
+            recipient: to.clone(),
+            msg_id: if self.acks { msg_id.clone() } else { None },
+        };
+        let queued = self.state.store.writes().try_queue_append(NewMessage {
+            sender: self.user_id.clone(),
+            sender_display_name: self.display_name.clone(),
+            recipient: to,
+            message,
+            // With acks, the client can tell what was stored and resends the rest after a
+            // reconnect: its msg_id names the message. Without, msg_ids are the client's own
+            // business (the original protocol says nothing of their being unique).
+            idempotent: self.acks && msg_id.is_some(),
+            msg_id,
+        })?;
+        Ok((queued, unrouted))
     }
 
     /// A pong came back: everything written before its ping has reached the client.
-    async fn confirm(&self, payload: &[u8], steps: &mut VecDeque<Step>) {
-        let Ok(seq) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else { return };
+    fn confirm(&self, payload: &[u8], steps: &mut VecDeque<Step>) -> Option<Wait> {
+        let Ok(seq) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else { return None };
         let (delivered, more) = lock(&self.conn.tracker).pong(seq);
-        if !delivered.is_empty() {
-            match self.state.store.writes().queue_delivered(&self.user_id, delivered).await {
-                Ok(commit) => steps.push_back(Step::Confirm(commit)),
-                // Not fatal: the messages stay pending and come again at the next login.
-                Err(error) => {
-                    tracing::warn!(conn = self.conn.id, %error, "could not mark messages delivered")
-                }
-            }
-        }
         if more {
             let _ = self.conn.out.try_send(Outbound::PingNow);
         }
+        if delivered.is_empty() {
+            return None;
+        }
+        match self.state.store.writes().try_queue_delivered(&self.user_id, delivered) {
+            Ok(Queued::Now(commit)) => steps.push_back(Step::Confirm(commit)),
+            Ok(Queued::Full(full)) => return Some(Wait::Confirm(full)),
+            // Not fatal: the messages stay pending and come again at the next login.
+            Err(error) => tracing::warn!(conn = self.conn.id, %error, "could not mark messages delivered"),
+        }
+        None
     }
 }
 
 /// The `ack` of a stored message, for a client that asked for acks.
-fn ack_frame(stored: &StoredMessage) -> Outbound {
-    let frame = ServerFrame::Ack {
-        id: stored.id,
-        timestamp: stored.timestamp.clone(),
-        msg_id: stored.msg_id.clone(),
-    };
+fn ack_frame(receipt: &Receipt, msg_id: Option<Value>) -> Outbound {
+    let frame = ServerFrame::Ack { id: receipt.id, timestamp: receipt.timestamp.clone(), msg_id };
     Outbound::Own(Box::new(OutFrame::plain(frame.encode())))
 }
 
@@ -272,7 +340,13 @@ async fn settle_front(steps: &mut VecDeque<Step>) -> Settled {
     poll_fn(|cx| {
         let settled = match steps.front_mut() {
             None => return Poll::Pending,
-            Some(Step::Store(commit)) => Settled::Stored(std::task::ready!(Pin::new(commit).poll(cx))),
+            Some(Step::Store(commit, _)) => {
+                let result = std::task::ready!(Pin::new(commit).poll(cx));
+                return match steps.pop_front() {
+                    Some(Step::Store(_, unrouted)) => Poll::Ready(Settled::Stored(result, unrouted)),
+                    _ => Poll::Pending,
+                };
+            }
             Some(Step::Confirm(commit)) => Settled::Confirmed(std::task::ready!(Pin::new(commit).poll(cx))),
             Some(Step::Send(_)) => match steps.pop_front() {
                 Some(Step::Send(outbound)) => return Poll::Ready(Settled::Send(outbound)),

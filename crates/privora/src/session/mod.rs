@@ -171,22 +171,20 @@ fn binary_frame() -> Error {
     Error::BadFrame("binary frames are not supported: send JSON text frames".into())
 }
 
-/// The `message` frame that delivers a stored message live, and its recipient. Takes the
-/// message: its strings move into the frame instead of being copied (this runs for every message
-/// routed), and the recipient comes back out of it.
-pub(crate) fn live_frame(stored: StoredMessage) -> (String, OutFrame) {
+/// The `message` frame that delivers a message stored earlier, as a live one (a catch-up after
+/// a Redis outage). A message just committed has its frame encoded before (`active.rs`).
+pub(crate) fn live_frame(stored: StoredMessage) -> OutFrame {
+    let id = stored.id;
     let live = LiveMessage {
         from: stored.sender,
         from_display_name: stored.sender_display_name,
         to: stored.recipient,
         message: stored.message,
         timestamp: stored.timestamp,
-        id: stored.id,
+        id,
         msg_id: stored.msg_id,
     };
-    let text = live.encode_frame().into();
-    // Delivery latency is measured from here: the message was committed just before.
-    (live.to, OutFrame { text, delivers: Some(live.id), committed: Some(std::time::Instant::now()) })
+    OutFrame { text: live.encode_frame().into(), delivers: Some(id), committed: Some(Instant::now()) }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -12,7 +12,7 @@ pub mod postgres;
 pub mod sqlite;
 pub mod writer;
 
-pub use writer::WriteQueue;
+pub use writer::{Full, Queued, WriteQueue};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,6 +23,8 @@ use async_trait::async_trait;
 use privora_protocol::Contact;
 use serde_json::Value;
 use tokio::sync::oneshot;
+
+use crate::metrics::StoreOp;
 
 /// A message as a sender's session hands it to the store.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,17 +50,34 @@ pub const MSG_ID_WINDOW: std::time::Duration = std::time::Duration::from_secs(24
 #[derive(Debug, Clone, PartialEq)]
 pub enum Appended {
     /// Stored now.
-    New(StoredMessage),
+    New(Receipt),
     /// An idempotent message whose `msg_id` the sender used before for the same message: the
     /// message stored then, not stored (nor routed) again.
-    Again(StoredMessage),
+    Again(Receipt),
 }
 
 impl Appended {
-    pub fn into_message(self) -> StoredMessage {
+    pub fn receipt(self) -> Receipt {
         match self {
-            Appended::New(message) | Appended::Again(message) => message,
+            Appended::New(receipt) | Appended::Again(receipt) => receipt,
         }
+    }
+}
+
+/// What the store gave a message it committed. The sender's session kept the rest (and
+/// encoded the live frame from it before the commit, see `LiveFrameStart`); the writer drops
+/// its copy instead of handing back strings that the session would read again from a cold
+/// cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    pub id: i64,
+    /// ISO 8601, UTC, milliseconds.
+    pub timestamp: String,
+}
+
+impl From<&StoredMessage> for Receipt {
+    fn from(message: &StoredMessage) -> Receipt {
+        Receipt { id: message.id, timestamp: message.timestamp.clone() }
     }
 }
 
@@ -149,7 +168,7 @@ pub enum StoreError {
 pub struct Commit<T> {
     answer: oneshot::Receiver<Result<T, StoreError>>,
     /// Set by `MeteredStore`: the operation's name and when it was queued.
-    timed: Option<(&'static str, Instant)>,
+    timed: Option<(StoreOp, Instant)>,
 }
 
 impl<T> Commit<T> {
@@ -157,9 +176,10 @@ impl<T> Commit<T> {
         Commit { answer, timed: None }
     }
 
-    /// Records the time from now until the answer in `privora_store_latency_seconds`.
-    pub fn timed(mut self, op: &'static str) -> Commit<T> {
-        self.timed = Some((op, Instant::now()));
+    /// Records the time from now until the answer in `privora_store_latency_seconds`, under
+    /// `op`'s name, if it has one.
+    pub fn timed_as(mut self, op: Option<StoreOp>) -> Commit<T> {
+        self.timed = op.map(|op| (op, Instant::now()));
         self
     }
 }
@@ -189,9 +209,11 @@ pub trait Store: Send + Sync + 'static {
     fn writes(&self) -> &WriteQueue;
 
     /// Queues a message and waits for its commit (`WriteQueue::queue_append`). An idempotent
-    /// message sent again gives back the message stored the first time.
+    /// message sent again gives back the id and timestamp it was stored with the first time.
     async fn append(&self, message: NewMessage) -> Result<StoredMessage, StoreError> {
-        Ok(self.writes().queue_append(message).await?.await?.into_message())
+        let kept = message.clone();
+        let receipt = self.writes().queue_append(message).await?.await?.receipt();
+        Ok(kept.stored(receipt.id, &receipt.timestamp))
     }
 
     /// Queues "the recipient has these messages" and waits for its commit.
@@ -266,7 +288,7 @@ pub fn with_pending<'a>(latest: &'a [StoredMessage], pending: &'a [StoredMessage
 /// same message sent again (same recipient and text), or a `msg_id` reused for another one.
 pub fn sent_again(first: StoredMessage, message: &NewMessage) -> Result<Appended, StoreError> {
     if first.recipient == message.recipient && first.message == message.message {
-        Ok(Appended::Again(first))
+        Ok(Appended::Again(Receipt::from(&first)))
     } else {
         Err(StoreError::MsgIdReused(first.msg_id.map(|id| id.to_string()).unwrap_or_default()))
     }

@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 use super::sqlite::now_iso8601;
 use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
 use super::{
-    contacts_by_name, remembered_since, sent_again, unix_now, Appended, MessageRow, NewMessage, Store,
-    StoreError, StoredMessage, UserRecord, PRUNE_EVERY,
+    contacts_by_name, remembered_since, sent_again, unix_now, Appended, MessageRow, NewMessage, Receipt,
+    Store, StoreError, StoredMessage, UserRecord, PRUNE_EVERY,
 };
 
 /// Most operations committed in one transaction.
@@ -449,7 +449,7 @@ async fn append_one(
             .execute(&mut *tx)
             .await?;
     }
-    Ok(Ok(Appended::New(message.stored(id, timestamp))))
+    Ok(Ok(Appended::New(Receipt { id, timestamp: timestamp.to_string() })))
 }
 
 /// Claims a sender's `msg_id` for the message about to be stored (its row says message 0 until

@@ -35,8 +35,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::msg_ids::{fingerprint, RecentMsgIds, Remembered};
 use super::writer::{Reply, WriteOp, WriteQueue, WRITER_CACHE};
 use super::{
-    contacts_by_name, remembered_since, sent_again, unix_now, Appended, MessageRow, NewMessage, Store,
-    StoreError, StoredMessage, UserRecord, PRUNE_EVERY,
+    contacts_by_name, remembered_since, sent_again, unix_now, Appended, MessageRow, NewMessage, Receipt,
+    Store, StoreError, StoredMessage, UserRecord, PRUNE_EVERY,
 };
 
 /// How a search text is put to the FTS5 trigram index (`users_search`).
@@ -1361,7 +1361,7 @@ fn append(
         msg_ids.remember(remembered);
     }
     *next_id += 1;
-    Ok(Ok(Appended::New(message.stored(id, timestamp))))
+    Ok(Ok(Appended::New(Receipt { id, timestamp: timestamp.to_string() })))
 }
 
 /// `recipient` confirmed `ids`. A confirmation of someone else's message changes nothing.

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{Appended, Commit, NewMessage, StoreError, UserRecord};
+use crate::metrics::StoreOp;
 
 /// Where a writer sends one operation's answer, once its batch is committed (or failed).
 pub type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -20,6 +21,32 @@ pub enum WriteOp {
     Delivered { recipient: String, ids: Vec<i64>, reply: Reply<()> },
     UpsertUser(UserRecord, Reply<()>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// What queueing an operation without waiting came to.
+pub enum Queued<T> {
+    /// Queued: its commit, to be awaited.
+    Now(Commit<T>),
+    /// The queue was full: nothing queued yet.
+    Full(Full<T>),
+}
+
+/// An operation the writer's queue had no room for.
+pub struct Full<T> {
+    op: WriteOp,
+    answer: oneshot::Receiver<Result<T, StoreError>>,
+    timed: Option<StoreOp>,
+}
+
+impl<T> Full<T> {
+    /// Waits for room in the queue, then queues the operation.
+    ///
+    /// Waiting is boxed: the semaphore's wait and the operation would otherwise be part of the
+    /// caller's future, which runs on every frame while this runs almost never.
+    pub async fn wait(self, queue: &WriteQueue) -> Result<Commit<T>, StoreError> {
+        Box::pin(queue.writes.send(self.op)).await.map_err(|_| StoreError::Closed)?;
+        Ok(Commit::new(self.answer).timed_as(self.timed))
+    }
 }
 
 /// The sending side of a writer task: callers queue an operation and wait for its answer.
@@ -52,49 +79,73 @@ impl WriteQueue {
         Ok(WriteQueue { writes, writer: Mutex::new(None) })
     }
 
-    /// Queues one operation (waiting only for room in the queue); the answer comes once its
-    /// batch is committed. `Closed` once shut down.
-    ///
-    /// Waiting for room is boxed: its future (the operation and the semaphore's wait) would
-    /// otherwise be part of every session's frame-handling future, and made that future 1,288
-    /// bytes, past what glibc's per-thread cache serves (1,032): every frame's allocation took
-    /// `malloc`'s slow path. The queue is rarely full.
-    pub async fn queue<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<Commit<T>, StoreError> {
+    /// Queues one operation if the queue has room, as it nearly always has: no future, so a
+    /// session handles a frame without allocating one (see `session/active.rs`). When the
+    /// queue is full, the operation comes back, to be queued with `Full::wait`. `Closed` once
+    /// shut down. `timed`: the name the commit is timed under (`Commit::timed`).
+    pub fn try_queue<T>(
+        &self,
+        op: impl FnOnce(Reply<T>) -> WriteOp,
+        timed: Option<StoreOp>,
+    ) -> Result<Queued<T>, StoreError> {
         let (reply, answer) = oneshot::channel();
         crate::metrics::store_queue(self.writes.max_capacity() - self.writes.capacity());
         match self.writes.try_send(op(reply)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(op)) => {
-                Box::pin(self.writes.send(op)).await.map_err(|_| StoreError::Closed)?
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Closed),
+            Ok(()) => Ok(Queued::Now(Commit::new(answer).timed_as(timed))),
+            Err(mpsc::error::TrySendError::Full(op)) => Ok(Queued::Full(Full { op, answer, timed })),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Closed),
         }
-        Ok(Commit::new(answer))
     }
 
-    /// Queues a message to be committed and marked pending for its recipient; waits only for
-    /// room in the queue. The commit fails with `UnknownRecipient` when the recipient is not in
-    /// the users table, and with `MsgIdReused` when an idempotent message's `msg_id` named
+    /// Queues one operation, waiting for room in the queue if need be; the answer comes once
+    /// its batch is committed.
+    pub async fn queue<T>(
+        &self,
+        op: impl FnOnce(Reply<T>) -> WriteOp,
+        timed: Option<StoreOp>,
+    ) -> Result<Commit<T>, StoreError> {
+        match self.try_queue(op, timed)? {
+            Queued::Now(commit) => Ok(commit),
+            Queued::Full(full) => full.wait(self).await,
+        }
+    }
+
+    /// Queues a message to be committed and marked pending for its recipient, if the queue has
+    /// room (`try_queue`). The commit fails with `UnknownRecipient` when the recipient is not
+    /// in the users table, and with `MsgIdReused` when an idempotent message's `msg_id` named
     /// another message. Timed in `privora_store_latency_seconds` as `append`.
-    pub async fn queue_append(&self, message: NewMessage) -> Result<Commit<Appended>, StoreError> {
-        Ok(self.queue(|reply| WriteOp::Append(message, reply)).await?.timed("append"))
+    pub fn try_queue_append(&self, message: NewMessage) -> Result<Queued<Appended>, StoreError> {
+        self.try_queue(|reply| WriteOp::Append(message, reply), Some(StoreOp::Append))
     }
 
-    /// Queues "the recipient has these messages": they are no longer pending. Timed as
-    /// `mark_delivered`.
-    pub async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError> {
+    /// `try_queue_append`, waiting for room in the queue if need be.
+    pub async fn queue_append(&self, message: NewMessage) -> Result<Commit<Appended>, StoreError> {
+        self.queue(|reply| WriteOp::Append(message, reply), Some(StoreOp::Append)).await
+    }
+
+    /// Queues "the recipient has these messages" (they are no longer pending) if the queue has
+    /// room. Timed as `mark_delivered`.
+    pub fn try_queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Queued<()>, StoreError> {
         if ids.is_empty() {
             let (reply, answer) = oneshot::channel();
             let _ = reply.send(Ok(()));
-            return Ok(Commit::new(answer));
+            return Ok(Queued::Now(Commit::new(answer)));
         }
         let recipient = recipient.to_string();
-        Ok(self.queue(|reply| WriteOp::Delivered { recipient, ids, reply }).await?.timed("mark_delivered"))
+        self.try_queue(|reply| WriteOp::Delivered { recipient, ids, reply }, Some(StoreOp::MarkDelivered))
+    }
+
+    /// `try_queue_delivered`, waiting for room in the queue if need be.
+    pub async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError> {
+        match self.try_queue_delivered(recipient, ids)? {
+            Queued::Now(commit) => Ok(commit),
+            Queued::Full(full) => full.wait(self).await,
+        }
     }
 
     /// `Store::upsert_user`, for every store that writes through this queue.
     pub async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
-        self.queue(|reply| WriteOp::UpsertUser(user, reply)).await?.await
+        self.queue(|reply| WriteOp::UpsertUser(user, reply), None).await?.await
     }
 
     pub fn is_closed(&self) -> bool {
@@ -153,8 +204,13 @@ mod tests {
             }
         });
         let user = |id: &str| UserRecord { user_id: id.into(), display_name: None, email: None };
-        let first = queue.queue(|reply| WriteOp::UpsertUser(user("a"), reply)).await.unwrap();
-        let second = queue.queue(|reply| WriteOp::UpsertUser(user("b"), reply));
+        let first = queue.queue(|reply| WriteOp::UpsertUser(user("a"), reply), None).await.unwrap();
+        // Without waiting, the second comes back: the queue holds one operation.
+        let Ok(Queued::Full(full)) = queue.try_queue(|reply| WriteOp::UpsertUser(user("b"), reply), None)
+        else {
+            panic!("the queue holds one operation");
+        };
+        let second = full.wait(&queue);
         tokio::pin!(second);
         assert!(futures_util::poll!(&mut second).is_pending(), "the queue holds one operation");
         go.send(()).unwrap();

@@ -102,6 +102,10 @@ async fn metrics_count_what_happens() {
     assert!(value("privora_errors_total{code=\"unknown_recipient\",via=\"websocket\"}") >= 1.0);
     assert!(value("privora_delivery_latency_seconds_count ") >= 1.0);
     assert!(value("privora_store_latency_seconds_count{op=\"append\",result=\"ok\"}") >= 1.0);
+    // The message to nobody: refused by the store.
+    assert!(value("privora_store_latency_seconds_count{op=\"append\",result=\"error\"}") >= 1.0);
+    assert!(value("privora_store_latency_seconds_bucket{op=\"append\",result=\"ok\",le=\"+Inf\"}") >= 1.0);
+    assert_eq!(text.matches("# TYPE privora_store_latency_seconds histogram").count(), 1);
     assert!(text.contains("# TYPE privora_outbound_queue_depth histogram"));
     assert!(text.contains("privora_pending_messages "));
     assert!(text.contains("privora_online_users "));

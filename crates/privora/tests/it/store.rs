@@ -2,7 +2,7 @@
 
 use privora::store::postgres::PostgresStore;
 use privora::store::sqlite::{IndexPolicy, SqliteStore};
-use privora::store::{Appended, NewMessage, Store, StoreError, StoredMessage, UserRecord};
+use privora::store::{Appended, NewMessage, Receipt, Store, StoreError, StoredMessage, UserRecord};
 use privora_protocol::Contact;
 use serde_json::json;
 
@@ -240,7 +240,7 @@ async fn sqlite_remembers_msg_ids_across_a_restart() {
 
     let store = SqliteStore::open_with(&path, 2, never).await.unwrap();
     let again = store.writes().queue_append(hello).await.unwrap().await.unwrap();
-    assert_eq!(again, Appended::Again(first));
+    assert_eq!(again, Appended::Again(Receipt::from(&first)));
     store.close().await;
 }
 
