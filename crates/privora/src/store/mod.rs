@@ -10,6 +10,7 @@
 pub mod msg_ids;
 pub mod postgres;
 pub mod sqlite;
+pub mod tail_recipients;
 pub mod writer;
 
 pub use writer::{Full, Queued, WriteQueue};

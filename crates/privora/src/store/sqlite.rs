@@ -33,6 +33,7 @@ use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::msg_ids::{fingerprint, RecentMsgIds, Remembered};
+use super::tail_recipients::TailRecipients;
 use super::writer::{Reply, WriteOp, WriteQueue, WRITER_CACHE};
 use super::{
     contacts_by_name, remembered_since, sent_again, unix_now, Appended, MessageRow, NewMessage, Receipt,
@@ -529,6 +530,8 @@ struct Writer {
     msg_ids: RecentMsgIds,
     /// The first id of the batch being written: a batch that fails takes its msg_ids back.
     batch_from: i64,
+    /// Who the tail's messages went to, to check confirmations without reading `messages`.
+    tail_recipients: TailRecipients,
 }
 
 /// What waits in `fold_rows` for a compaction.
@@ -618,6 +621,7 @@ impl Writer {
             prune_due: Instant::now(),
             msg_ids: RecentMsgIds::default(),
             batch_from: 1,
+            tail_recipients: TailRecipients::default(),
         };
         writer.msg_ids = remembered_msg_ids(&writer.conn)?;
         // A tail left by the last run (a crash, or a stop between folds) is folded now.
@@ -753,6 +757,7 @@ impl Writer {
                 // reads the next id afresh), and the batch's msg_ids name nothing.
                 self.known_users.clear();
                 self.msg_ids.forget_from(self.batch_from);
+                self.tail_recipients.forget();
                 for reply in replies {
                     match reply {
                         Outcome::Message(reply, _) => {
@@ -790,6 +795,7 @@ impl Writer {
             Ok((next_id, indexed_upto)) => {
                 (self.next_id, self.indexed_upto) = (next_id, indexed_upto);
                 self.batch_from = next_id;
+                self.tail_recipients.start_batch(next_id);
             }
             Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
         }
@@ -807,14 +813,24 @@ impl Writer {
             let done = match op {
                 WriteOp::Append(message, reply) => {
                     let (known_users, next_id) = (&mut self.known_users, &mut self.next_id);
-                    let msg_ids = &mut self.msg_ids;
-                    match append(&tx, &mut statements, known_users, msg_ids, next_id, message, &timestamp) {
+                    let (msg_ids, tail) = (&mut self.msg_ids, &mut self.tail_recipients);
+                    match append(
+                        &tx,
+                        &mut statements,
+                        known_users,
+                        msg_ids,
+                        tail,
+                        next_id,
+                        message,
+                        &timestamp,
+                    ) {
                         Ok(result) => Ok(Outcome::Message(reply, result)),
                         Err(error) => Err((error, Outcome::Message(reply, Err(StoreError::Closed)))),
                     }
                 }
                 WriteOp::Delivered { recipient, ids, reply } => {
-                    match mark_delivered(&mut statements, self.indexed_upto, &recipient, &ids) {
+                    let tail = &self.tail_recipients;
+                    match mark_delivered(&mut statements, tail, self.indexed_upto, &recipient, &ids) {
                         Ok(()) => Ok(Outcome::Unit(reply)),
                         Err(error) => Err((error, Outcome::Unit(reply))),
                     }
@@ -896,6 +912,7 @@ impl Writer {
         self.waiting.folds += 1;
         self.waiting.messages += top - self.indexed_upto;
         self.indexed_upto = top;
+        self.tail_recipients.folded(top);
         self.known_pairs
             .pairs
             .extend(tail.contacts.iter().map(|&(user, partner)| (numbers[user], numbers[partner])));
@@ -1280,6 +1297,7 @@ fn owed(op: WriteOp) -> Option<Outcome> {
 struct BatchStatements<'tx> {
     insert_message: rusqlite::CachedStatement<'tx>,
     delivered_in_tail: rusqlite::CachedStatement<'tx>,
+    insert_delivered: rusqlite::CachedStatement<'tx>,
     delete_pending: rusqlite::CachedStatement<'tx>,
     insert_msg_id: rusqlite::CachedStatement<'tx>,
 }
@@ -1296,6 +1314,8 @@ impl<'tx> BatchStatements<'tx> {
                 "INSERT OR IGNORE INTO delivered (message_id)
                  SELECT id FROM messages WHERE id = ?1 AND recipient = ?2",
             )?,
+            // The same, the recipient checked by the writer (`TailRecipients`).
+            insert_delivered: tx.prepare_cached("INSERT OR IGNORE INTO delivered (message_id) VALUES (?1)")?,
             delete_pending: tx.prepare_cached("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")?,
             insert_msg_id: tx
                 .prepare_cached("INSERT INTO sent_msg_ids (message_id, fingerprint, created_at) VALUES (?1, ?2, ?3)")?,
@@ -1311,6 +1331,7 @@ fn append(
     statements: &mut BatchStatements,
     known_users: &mut HashSet<String>,
     msg_ids: &mut RecentMsgIds,
+    tail: &mut TailRecipients,
     next_id: &mut i64,
     message: NewMessage,
     timestamp: &str,
@@ -1360,6 +1381,7 @@ fn append(
         statements.insert_msg_id.execute(rusqlite::params![id, print as i64, remembered.created_at])?;
         msg_ids.remember(remembered);
     }
+    tail.push(id, &message.recipient);
     *next_id += 1;
     Ok(Ok(Appended::New(Receipt { id, timestamp: timestamp.to_string() })))
 }
@@ -1367,13 +1389,19 @@ fn append(
 /// `recipient` confirmed `ids`. A confirmation of someone else's message changes nothing.
 fn mark_delivered(
     statements: &mut BatchStatements,
+    tail: &TailRecipients,
     indexed_upto: i64,
     recipient: &str,
     ids: &[i64],
 ) -> rusqlite::Result<()> {
+    let hashed = tail.hash(recipient);
     for &id in ids {
         if id > indexed_upto {
-            statements.delivered_in_tail.execute(rusqlite::params![id, recipient])?;
+            match tail.sent_to(id, hashed) {
+                Some(true) => statements.insert_delivered.execute([id])?,
+                Some(false) => 0,
+                None => statements.delivered_in_tail.execute(rusqlite::params![id, recipient])?,
+            };
         } else {
             statements.delete_pending.execute(rusqlite::params![recipient, id])?;
         }
