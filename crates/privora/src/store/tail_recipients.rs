@@ -14,17 +14,12 @@ use std::hash::BuildHasher;
 /// It only ever covers a run of ids the writer appended itself since the last fold; anything
 /// else (a failed batch, ids written by another process) empties it, and confirmations of ids
 /// it does not cover are checked in the database as before.
+#[derive(Default)]
 pub struct TailRecipients {
     /// The id of the first hash.
     from: i64,
     hashes: VecDeque<u64>,
     hasher: foldhash::fast::RandomState,
-}
-
-impl Default for TailRecipients {
-    fn default() -> TailRecipients {
-        TailRecipients { from: 0, hashes: VecDeque::new(), hasher: foldhash::fast::RandomState::default() }
-    }
 }
 
 impl TailRecipients {
