@@ -10,7 +10,7 @@
 //! rendered after the recorder's counters and gauges; see that type for why.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Instant;
 
@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
+use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use privora_protocol::{Contact, ErrorCode};
 
@@ -46,20 +46,43 @@ const QUEUE_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
-/// Handles of the counters and gauges recorded for every message, registered once: looking a
-/// metric up by name hashes its key and takes a lock, several times per message otherwise.
-struct Hot {
-    messages_in: Counter,
-    messages_out: Counter,
-    store_queue: Gauge,
+/// The hot metrics are kept in shards, one per thread (about: threads take the shards in
+/// turn), each on cache lines of its own: every message updates half a dozen of them, and with
+/// one shared atomic per counter or bucket, every update on one core took the line away from
+/// the other. A scrape adds the shards up.
+const SHARDS: usize = 8;
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
 }
 
-static HOT: OnceLock<Hot> = OnceLock::new();
-
-/// The hot handles, once the recorder is installed (before that, recording goes nowhere).
-fn hot() -> Option<&'static Hot> {
-    HOT.get()
+fn shard() -> usize {
+    SHARD.with(|shard| *shard)
 }
+
+/// An atomic on cache lines of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(AtomicU64);
+
+/// A counter recorded for every message (`privora_messages_in_total`, `..._out_total`).
+#[derive(Default)]
+struct ShardedCounter([Padded; SHARDS]);
+
+impl ShardedCounter {
+    fn increment(&self) {
+        self.0[shard()].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.iter().map(|cell| cell.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+static MESSAGES_IN_COUNT: ShardedCounter = ShardedCounter([const { Padded(AtomicU64::new(0)) }; SHARDS]);
+static MESSAGES_OUT_COUNT: ShardedCounter = ShardedCounter([const { Padded(AtomicU64::new(0)) }; SHARDS]);
 
 /// A store operation, as `privora_store_latency_seconds` labels it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +124,7 @@ impl StoreOp {
     }
 }
 
-/// A Prometheus histogram with fixed buckets, counted in atomics.
+/// A Prometheus histogram with fixed buckets, counted in atomics (sharded, see `SHARDS`).
 ///
 /// The exporter's histograms keep every sample in lock-free blocks of 64 until its upkeep
 /// folds them, and allocate a block of over a kilobyte every 64 samples: past glibc's
@@ -111,47 +134,61 @@ impl StoreOp {
 /// is a search of a dozen bounds and two atomic updates.
 struct FixedHistogram {
     bounds: &'static [f64],
+    shards: Box<[HistogramShard]>,
+}
+
+/// Most bounds a histogram has (the `+Inf` bucket comes after them).
+const MAX_BOUNDS: usize = 15;
+
+/// One shard of a histogram, on cache lines of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct HistogramShard {
     /// One per bound, then the `+Inf` bucket; not cumulative (summed when rendered).
-    counts: Box<[AtomicU64]>,
-    /// The sum of the samples, as `f64` bits.
+    counts: [AtomicU64; MAX_BOUNDS + 1],
+    /// The sum of the samples, as `f64` bits (0 is 0.0).
     sum: AtomicU64,
 }
 
 impl FixedHistogram {
     fn new(bounds: &'static [f64]) -> FixedHistogram {
-        FixedHistogram {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicU64::new(0f64.to_bits()),
-        }
+        assert!(bounds.len() <= MAX_BOUNDS, "a histogram has at most {MAX_BOUNDS} bounds");
+        FixedHistogram { bounds, shards: (0..SHARDS).map(|_| HistogramShard::default()).collect() }
     }
 
     fn record(&self, value: f64) {
+        let shard = &self.shards[shard()];
         // The first bucket whose bound is at least the value (Prometheus's `le`).
         let bucket = self.bounds.partition_point(|&bound| bound < value);
-        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        let _ = self.sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+        shard.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let _ = shard.sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
             Some((f64::from_bits(bits) + value).to_bits())
         });
     }
 
+    /// Samples in bucket `i` (the `+Inf` one at `bounds.len()`), all shards.
+    fn bucket(&self, i: usize) -> u64 {
+        self.shards.iter().map(|shard| shard.counts[i].load(Ordering::Relaxed)).sum()
+    }
+
     fn count(&self) -> u64 {
-        self.counts.iter().map(|count| count.load(Ordering::Relaxed)).sum()
+        (0..=self.bounds.len()).map(|i| self.bucket(i)).sum()
     }
 
     /// The series' lines in the Prometheus text format; `labels` as `a="x",b="y"` or empty.
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let comma = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
-        for (i, count) in self.counts.iter().enumerate() {
-            cumulative += count.load(Ordering::Relaxed);
+        for i in 0..=self.bounds.len() {
+            cumulative += self.bucket(i);
             let _ = match self.bounds.get(i) {
                 Some(bound) => writeln!(out, "{name}_bucket{{{labels}{comma}le=\"{bound}\"}} {cumulative}"),
                 None => writeln!(out, "{name}_bucket{{{labels}{comma}le=\"+Inf\"}} {cumulative}"),
             };
         }
         let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let sum = f64::from_bits(self.sum.load(Ordering::Relaxed));
+        let sum: f64 =
+            self.shards.iter().map(|shard| f64::from_bits(shard.sum.load(Ordering::Relaxed))).sum();
         let _ = writeln!(out, "{name}_sum{braced} {sum}");
         let _ = writeln!(out, "{name}_count{braced} {cumulative}");
     }
@@ -175,12 +212,18 @@ static HISTOGRAMS: LazyLock<Histograms> = LazyLock::new(|| Histograms {
 });
 
 impl Histograms {
-    /// The histograms in the Prometheus text format: a family once it has a sample.
+    /// The sharded counters and the histograms in the Prometheus text format: a histogram
+    /// family once it has a sample.
     fn render(&self, out: &mut String) {
         // A blank line before each family, as the recorder separates its own.
-        let family = |out: &mut String, name: &str, help: &str| {
-            let _ = writeln!(out, "\n# HELP {name} {help}\n# TYPE {name} histogram");
+        let family = |out: &mut String, name: &str, help: &str, kind: &str| {
+            let _ = writeln!(out, "\n# HELP {name} {help}\n# TYPE {name} {kind}");
         };
+        family(out, MESSAGES_IN, "messages accepted from senders (stored)", "counter");
+        let _ = writeln!(out, "{MESSAGES_IN} {}", MESSAGES_IN_COUNT.get());
+        family(out, MESSAGES_OUT, "message frames written to recipients (live and offline)", "counter");
+        let _ = writeln!(out, "{MESSAGES_OUT} {}", MESSAGES_OUT_COUNT.get());
+        let family = |out: &mut String, name: &str, help: &str| family(out, name, help, "histogram");
         if self.delivery_latency.count() > 0 {
             family(out, DELIVERY_LATENCY, "live messages: from commit to the recipient's socket");
             self.delivery_latency.render(out, DELIVERY_LATENCY, "");
@@ -218,11 +261,6 @@ pub fn install() -> Option<PrometheusHandle> {
                 }
             };
             describe();
-            let _ = HOT.set(Hot {
-                messages_in: counter!(MESSAGES_IN),
-                messages_out: counter!(MESSAGES_OUT),
-                store_queue: gauge!(STORE_QUEUE),
-            });
             Some(handle)
         })
         .clone()
@@ -232,9 +270,7 @@ fn describe() {
     describe_gauge!(CONNECTIONS, "WebSocket connections open now");
     describe_counter!(CONNECTIONS_TOTAL, "WebSocket connections accepted");
     describe_counter!(LOGINS, "login attempts by result (ok, invalid_token, failed)");
-    describe_counter!(MESSAGES_IN, "messages accepted from senders (stored)");
-    describe_counter!(MESSAGES_OUT, "message frames written to recipients (live and offline)");
-    describe_gauge!(STORE_QUEUE, "writes waiting for the store's writer (group commit)");
+    describe_gauge!(STORE_QUEUE, "writes waiting for the store's writer (group commit; read at scrape)");
     describe_counter!(ERRORS, "error frames (websocket) and error responses (http) by code");
     describe_gauge!(PENDING, "messages stored and not yet confirmed delivered (read at scrape)");
     describe_gauge!(ONLINE_USERS, "users with at least one connection to this node (read at scrape)");
@@ -275,16 +311,13 @@ pub fn login(result: Login) {
 
 /// A sender's message was stored.
 pub fn message_in() {
-    if let Some(hot) = hot() {
-        hot.messages_in.increment(1);
-    }
+    MESSAGES_IN_COUNT.increment();
 }
 
 /// A message frame went onto a recipient's socket; `committed` is when it was stored, for live
 /// messages (offline ones waited on purpose and would only blur the latency).
 pub fn message_out(committed: Option<Instant>) {
-    let Some(hot) = hot() else { return };
-    hot.messages_out.increment(1);
+    MESSAGES_OUT_COUNT.increment();
     if let Some(at) = committed {
         HISTOGRAMS.delivery_latency.record(at.elapsed().as_secs_f64());
     }
@@ -292,16 +325,7 @@ pub fn message_out(committed: Option<Instant>) {
 
 /// Frames waiting in a connection's outbound queue.
 pub fn outbound_queue(depth: usize) {
-    if hot().is_some() {
-        HISTOGRAMS.outbound_queue.record(depth as f64);
-    }
-}
-
-/// Writes waiting for the store's writer task.
-pub fn store_queue(depth: usize) {
-    if let Some(hot) = hot() {
-        hot.store_queue.set(depth as f64);
-    }
+    HISTOGRAMS.outbound_queue.record(depth as f64);
 }
 
 /// An error the server answered with, by its stable code.
@@ -333,6 +357,7 @@ pub async fn render(State(state): State<Arc<AppState>>) -> Response {
         Err(error) => tracing::debug!(%error, "cannot count pending messages for /metrics"),
     }
     gauge!(ONLINE_USERS).set(state.hub.online_users() as f64);
+    gauge!(STORE_QUEUE).set(state.store.writes().waiting() as f64);
     let mut text = handle.render();
     HISTOGRAMS.render(&mut text);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
@@ -355,9 +380,6 @@ async fn timed<T>(
 
 /// One store operation took `seconds` (for a queued write: from queueing to commit).
 pub fn store_op(op: StoreOp, seconds: f64, ok: bool) {
-    if hot().is_none() {
-        return;
-    }
     HISTOGRAMS.store_latency[op as usize][usize::from(!ok)].record(seconds);
 }
 
@@ -422,5 +444,28 @@ mod tests {
         histogram.render(&mut text, "y", "");
         assert!(text.starts_with("y_bucket{le=\"0.5\"} 2\n"));
         assert!(text.ends_with("y_sum 4.3\ny_count 4\n"));
+    }
+
+    #[test]
+    fn samples_from_many_threads_add_up_across_the_shards() {
+        static COUNTER: ShardedCounter = ShardedCounter([const { Padded(AtomicU64::new(0)) }; SHARDS]);
+        let histogram = FixedHistogram::new(&[1.0]);
+        std::thread::scope(|scope| {
+            for _ in 0..2 * SHARDS {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        COUNTER.increment();
+                        histogram.record(0.5);
+                        histogram.record(2.0);
+                    }
+                });
+            }
+        });
+        assert_eq!(COUNTER.get(), 2 * SHARDS as u64 * 1000);
+        assert_eq!(histogram.bucket(0), 2 * SHARDS as u64 * 1000);
+        assert_eq!(histogram.count(), 2 * 2 * SHARDS as u64 * 1000);
+        let mut text = String::new();
+        histogram.render(&mut text, "x", "");
+        assert!(text.contains(&format!("x_sum {}\n", 2.5 * 2.0 * SHARDS as f64 * 1000.0)), "{text}");
     }
 }

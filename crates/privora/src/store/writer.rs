@@ -89,7 +89,6 @@ impl WriteQueue {
         timed: Option<StoreOp>,
     ) -> Result<Queued<T>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        crate::metrics::store_queue(self.writes.max_capacity() - self.writes.capacity());
         match self.writes.try_send(op(reply)) {
             Ok(()) => Ok(Queued::Now(Commit::new(answer).timed_as(timed))),
             Err(mpsc::error::TrySendError::Full(op)) => Ok(Queued::Full(Full { op, answer, timed })),
@@ -146,6 +145,12 @@ impl WriteQueue {
     /// `Store::upsert_user`, for every store that writes through this queue.
     pub async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
         self.queue(|reply| WriteOp::UpsertUser(user, reply), None).await?.await
+    }
+
+    /// Operations queued and not yet taken by the writer (`privora_store_write_queue`, read
+    /// when scraped rather than set at every operation).
+    pub fn waiting(&self) -> usize {
+        self.writes.max_capacity() - self.writes.capacity()
     }
 
     pub fn is_closed(&self) -> bool {
