@@ -64,11 +64,9 @@ fn shard() -> usize {
 
 /// An atomic on cache lines of its own.
 #[repr(align(128))]
-#[derive(Default)]
 struct Padded(AtomicU64);
 
 /// A counter recorded for every message (`privora_messages_in_total`, `..._out_total`).
-#[derive(Default)]
 struct ShardedCounter([Padded; SHARDS]);
 
 impl ShardedCounter {

@@ -31,6 +31,16 @@ pub enum Queued<T> {
     Full(Full<T>),
 }
 
+impl<T> Queued<T> {
+    /// The commit, once the operation is queued (waiting for room if the queue was full).
+    pub async fn queued(self, queue: &WriteQueue) -> Result<Commit<T>, StoreError> {
+        match self {
+            Queued::Now(commit) => Ok(commit),
+            Queued::Full(full) => full.wait(queue).await,
+        }
+    }
+}
+
 /// An operation the writer's queue had no room for.
 pub struct Full<T> {
     op: WriteOp,
@@ -82,7 +92,7 @@ impl WriteQueue {
     /// Queues one operation if the queue has room, as it nearly always has: no future, so a
     /// session handles a frame without allocating one (see `session/active.rs`). When the
     /// queue is full, the operation comes back, to be queued with `Full::wait`. `Closed` once
-    /// shut down. `timed`: the name the commit is timed under (`Commit::timed`).
+    /// shut down. `timed`: the name the commit is timed under (`Commit::timed_as`).
     pub fn try_queue<T>(
         &self,
         op: impl FnOnce(Reply<T>) -> WriteOp,
@@ -103,10 +113,7 @@ impl WriteQueue {
         op: impl FnOnce(Reply<T>) -> WriteOp,
         timed: Option<StoreOp>,
     ) -> Result<Commit<T>, StoreError> {
-        match self.try_queue(op, timed)? {
-            Queued::Now(commit) => Ok(commit),
-            Queued::Full(full) => full.wait(self).await,
-        }
+        self.try_queue(op, timed)?.queued(self).await
     }
 
     /// Queues a message to be committed and marked pending for its recipient, if the queue has
@@ -136,10 +143,7 @@ impl WriteQueue {
 
     /// `try_queue_delivered`, waiting for room in the queue if need be.
     pub async fn queue_delivered(&self, recipient: &str, ids: Vec<i64>) -> Result<Commit<()>, StoreError> {
-        match self.try_queue_delivered(recipient, ids)? {
-            Queued::Now(commit) => Ok(commit),
-            Queued::Full(full) => full.wait(self).await,
-        }
+        self.try_queue_delivered(recipient, ids)?.queued(self).await
     }
 
     /// `Store::upsert_user`, for every store that writes through this queue.
