@@ -32,6 +32,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use super::checkpointer::Checkpointer;
 use super::msg_ids::{fingerprint, RecentMsgIds, Remembered};
 use super::tail_recipients::TailRecipients;
 use super::writer::{Reply, WriteOp, WriteQueue, WRITER_CACHE};
@@ -138,6 +139,7 @@ pub struct SqliteStore {
     writes: WriteQueue,
     reads: SqlitePool,
     lists: Arc<MessageLists>,
+    checkpointer: Mutex<Option<Checkpointer>>,
 }
 
 /// Read-only rusqlite connections for the reads that return many messages (a login's pending
@@ -329,7 +331,9 @@ impl SqliteStore {
             permits: tokio::sync::Semaphore::new(readers as usize),
             idle: Mutex::new(Vec::new()),
         });
-        Ok(SqliteStore { writes, reads, lists })
+        let checkpointer = Checkpointer::start(path)
+            .map_err(|e| StoreError::Database(format!("cannot start the SQLite checkpoint thread: {e}")))?;
+        Ok(SqliteStore { writes, reads, lists, checkpointer: Mutex::new(Some(checkpointer)) })
     }
 }
 
@@ -483,6 +487,10 @@ impl Store for SqliteStore {
         self.writes.close().await;
         self.reads.close().await;
         self.lists.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let checkpointer = self.checkpointer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut checkpointer) = checkpointer {
+            let _ = tokio::task::spawn_blocking(move || checkpointer.stop()).await;
+        }
     }
 }
 
@@ -603,7 +611,8 @@ impl Writer {
         // Hot pages stay in memory between batches and folds; allocated only when used.
         conn.pragma_update(None, "cache_size", -65536)?;
         // Checkpoint less often: a page is copied once per checkpoint, however many commits
-        // touched it.
+        // touched it. The checkpoint thread (`store/checkpointer.rs`) copies most pages before
+        // this one runs, which copies the rest and lets the log start over.
         conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
         conn.set_prepared_statement_cache_capacity(64);
         let mut writer = Writer {

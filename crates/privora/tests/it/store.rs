@@ -432,6 +432,32 @@ async fn a_tail_left_after_a_burst_is_folded_once_the_writer_is_idle() {
     store.close().await;
 }
 
+/// The log is copied into the database file by the checkpoint thread, well before the writer's
+/// own checkpoint (at 8192 log pages) would: the file grows while nothing else is written, and
+/// the messages read the same afterwards.
+#[tokio::test]
+async fn the_log_is_copied_into_the_database_file_in_the_background() {
+    let (dir, store) = sqlite().await;
+    for id in ["a", "b"] {
+        store.upsert_user(user(id, None)).await.unwrap();
+    }
+    let path = dir.path().join("store.db");
+    let size = || std::fs::metadata(&path).unwrap().len();
+    let before = size();
+    // About 300 pages of messages: far fewer than the writer's checkpoint waits for.
+    let text = "x".repeat(4000);
+    for _ in 0..300 {
+        store.append(message("a", "b", &text)).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while size() < before + 300 * 4000 {
+        assert!(std::time::Instant::now() < deadline, "the database file is still {} bytes", size());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.pending("b").await.unwrap().len(), 300);
+    store.close().await;
+}
+
 /// A fold gives each user one timeline chunk (several once it holds over 256 ids); the latest
 /// messages come from the chunks newest first, cut at any point, with the tail's on top.
 #[tokio::test]
