@@ -7,6 +7,7 @@
 //! them in the order they were queued, so a session keeps its messages in order without waiting
 //! a commit per message.
 
+pub mod batch_queue;
 pub mod checkpointer;
 pub mod msg_ids;
 pub mod postgres;

@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use privora_protocol::Contact;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, FromRow, Row};
-use tokio::sync::mpsc;
 
+use super::batch_queue::Batches;
 use super::sqlite::now_iso8601;
 use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
 use super::{
@@ -225,12 +225,12 @@ fn from_sqlx(error: sqlx::Error) -> StoreError {
     }
 }
 
-async fn run_writer(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
+async fn run_writer(pool: PgPool, mut queue: Batches<WriteOp>) {
     let mut cache = WriterCache::default();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // At the start, then with the batches once `PRUNE_EVERY` has passed.
     let mut prune_due = prune_msg_ids(&pool).await;
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while queue.take(&mut batch, MAX_BATCH).await {
         if Instant::now() >= prune_due {
             prune_due = prune_msg_ids(&pool).await;
         }

@@ -30,8 +30,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Connection, Row};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
+use super::batch_queue::{Batches, Taken};
 use super::checkpointer::Checkpointer;
 use super::msg_ids::{fingerprint, RecentMsgIds, Remembered};
 use super::tail_recipients::TailRecipients;
@@ -644,29 +645,19 @@ impl Writer {
         Ok(writer)
     }
 
-    fn run(mut self, mut queue: mpsc::Receiver<WriteOp>) {
+    fn run(mut self, mut queue: Batches<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         // When to look at the tail again if nothing arrives; None: nothing to fold, wait on.
         // At once at the start: a compaction may have been left waiting by the last run.
         let mut due: Option<Instant> = Some(Instant::now());
         loop {
-            let first = match due {
-                None => queue.blocking_recv(),
-                Some(at) => match recv_until(&mut queue, at) {
-                    Some(op) => op,
-                    None => {
-                        // The queue stayed empty until the deadline: the writer is idle.
-                        due = self.fold_if_due(true);
-                        continue;
-                    }
-                },
-            };
-            let Some(op) = first else { return };
-            batch.push(op);
-            while batch.len() < MAX_BATCH {
-                match queue.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
+            match queue.take_blocking(&mut batch, MAX_BATCH, due) {
+                Taken::Some => {}
+                Taken::Closed => return,
+                Taken::TimedOut => {
+                    // The queue stayed empty until the deadline: the writer is idle.
+                    due = self.fold_if_due(true);
+                    continue;
                 }
             }
             let shutdown = self.write(&mut batch);
@@ -1188,31 +1179,6 @@ fn to_json<T: serde::Serialize>(list: &[T]) -> String {
 fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<Vec<T>> {
     serde_json::from_str(text)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
-}
-
-/// The next operation (None once the queue is closed), or None (outer) if none came by
-/// `deadline`. The writer thread is not a runtime thread: it parks itself, and the queue's
-/// waker unparks it.
-fn recv_until(queue: &mut mpsc::Receiver<WriteOp>, deadline: Instant) -> Option<Option<WriteOp>> {
-    struct Unpark(std::thread::Thread);
-    impl std::task::Wake for Unpark {
-        fn wake(self: std::sync::Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
-    let mut cx = std::task::Context::from_waker(&waker);
-    loop {
-        if let std::task::Poll::Ready(op) = queue.poll_recv(&mut cx) {
-            return Some(op);
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return None;
-        }
-        // Spurious wake-ups only loop once more.
-        std::thread::park_timeout(deadline - now);
-    }
 }
 
 /// One of the writer's transactions: `BEGIN IMMEDIATE` to `COMMIT`, rolled back if dropped

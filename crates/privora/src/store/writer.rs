@@ -6,9 +6,10 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::batch_queue::{batch_queue, BatchQueue, Batches, Consumer, PushError};
 use super::{Appended, Commit, NewMessage, StoreError, UserRecord};
 use crate::metrics::StoreOp;
 
@@ -54,14 +55,14 @@ impl<T> Full<T> {
     /// Waiting is boxed: the semaphore's wait and the operation would otherwise be part of the
     /// caller's future, which runs on every frame while this runs almost never.
     pub async fn wait(self, queue: &WriteQueue) -> Result<Commit<T>, StoreError> {
-        Box::pin(queue.writes.send(self.op)).await.map_err(|_| StoreError::Closed)?;
+        Box::pin(queue.writes.push(self.op)).await.map_err(|_| StoreError::Closed)?;
         Ok(Commit::new(self.answer).timed_as(self.timed))
     }
 }
 
 /// The sending side of a writer task: callers queue an operation and wait for its answer.
 pub struct WriteQueue {
-    writes: mpsc::Sender<WriteOp>,
+    writes: BatchQueue<WriteOp>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -69,10 +70,10 @@ impl WriteQueue {
     /// Starts `run` (the writer task) on a queue of `capacity` operations.
     pub fn spawn<F, Fut>(capacity: usize, run: F) -> WriteQueue
     where
-        F: FnOnce(mpsc::Receiver<WriteOp>) -> Fut,
+        F: FnOnce(Batches<WriteOp>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let (writes, queue) = mpsc::channel(capacity);
+        let (writes, queue) = batch_queue(capacity, Consumer::Task);
         let writer = tokio::spawn(run(queue));
         WriteQueue { writes, writer: Mutex::new(Some(writer)) }
     }
@@ -81,9 +82,9 @@ impl WriteQueue {
     /// operations: for a database library whose calls block (rusqlite).
     pub fn spawn_thread<F>(name: &str, capacity: usize, run: F) -> std::io::Result<WriteQueue>
     where
-        F: FnOnce(mpsc::Receiver<WriteOp>) + Send + 'static,
+        F: FnOnce(Batches<WriteOp>) + Send + 'static,
     {
-        let (writes, queue) = mpsc::channel(capacity);
+        let (writes, queue) = batch_queue(capacity, Consumer::Thread);
         std::thread::Builder::new().name(name.to_string()).spawn(move || run(queue))?;
         // The thread is not joined: `close` waits for its answer to `Shutdown` instead.
         Ok(WriteQueue { writes, writer: Mutex::new(None) })
@@ -99,10 +100,10 @@ impl WriteQueue {
         timed: Option<StoreOp>,
     ) -> Result<Queued<T>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        match self.writes.try_send(op(reply)) {
+        match self.writes.try_push(op(reply)) {
             Ok(()) => Ok(Queued::Now(Commit::new(answer).timed_as(timed))),
-            Err(mpsc::error::TrySendError::Full(op)) => Ok(Queued::Full(Full { op, answer, timed })),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Closed),
+            Err(PushError::Full(op)) => Ok(Queued::Full(Full { op, answer, timed })),
+            Err(PushError::Closed(_)) => Err(StoreError::Closed),
         }
     }
 
@@ -154,7 +155,7 @@ impl WriteQueue {
     /// Operations queued and not yet taken by the writer (`privora_store_write_queue`, read
     /// when scraped rather than set at every operation).
     pub fn waiting(&self) -> usize {
-        self.writes.max_capacity() - self.writes.capacity()
+        self.writes.len()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -164,7 +165,7 @@ impl WriteQueue {
     /// Lets the writer finish everything queued, then waits for it to stop.
     pub async fn close(&self) {
         let (done, finished) = oneshot::channel();
-        if self.writes.send(WriteOp::Shutdown(done)).await.is_ok() {
+        if self.writes.push(WriteOp::Shutdown(done)).await.is_ok() {
             let _ = finished.await;
         }
         let writer = self.writer.lock().ok().and_then(|mut w| w.take());
@@ -206,9 +207,12 @@ mod tests {
         let (go, wait) = oneshot::channel::<()>();
         let queue = WriteQueue::spawn(1, move |mut ops| async move {
             let _ = wait.await;
-            while let Some(op) = ops.recv().await {
-                if let WriteOp::UpsertUser(_, reply) = op {
-                    let _ = reply.send(Ok(()));
+            let mut batch = Vec::new();
+            while ops.take(&mut batch, 1).await {
+                for op in batch.drain(..) {
+                    if let WriteOp::UpsertUser(_, reply) = op {
+                        let _ = reply.send(Ok(()));
+                    }
                 }
             }
         });
