@@ -54,8 +54,8 @@ async fn main() -> anyhow::Result<()> {
                     let to = format!("user{}", (u as u64 + seed % peers) % users as u64);
                     let stored = store
                         .append(NewMessage {
-                            sender: format!("user{u}"),
-                            sender_display_name: format!("User {u}"),
+                            sender: format!("user{u}").into(),
+                            sender_display_name: format!("User {u}").into(),
                             recipient: to.clone(),
                             message: format!("{i:>56}"),
                             msg_id: None,

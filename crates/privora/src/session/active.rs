@@ -39,8 +39,9 @@ const MAX_STEPS: usize = 64;
 pub(super) struct Active {
     pub(super) state: Arc<AppState>,
     pub(super) conn: Conn,
-    pub(super) user_id: String,
-    pub(super) display_name: String,
+    /// Shared with every message this connection sends (`NewMessage`).
+    pub(super) user_id: Arc<str>,
+    pub(super) display_name: Arc<str>,
     pub(super) limiter: Option<RateLimiter>,
     /// The client asked for an `ack` of each message stored (opt-in at login).
     pub(super) acks: bool,

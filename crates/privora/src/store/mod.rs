@@ -19,6 +19,7 @@ pub use writer::{Full, Queued, WriteQueue};
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -32,8 +33,11 @@ use crate::metrics::StoreOp;
 /// A message as a sender's session hands it to the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMessage {
-    pub sender: String,
-    pub sender_display_name: String,
+    /// Shared with the session that sends, which would otherwise copy both strings for every
+    /// message (and the writer thread free them: glibc frees into the arena of the thread
+    /// that allocated, under its lock).
+    pub sender: Arc<str>,
+    pub sender_display_name: Arc<str>,
     pub recipient: String,
     pub message: String,
     pub msg_id: Option<Value>,
@@ -89,8 +93,8 @@ impl NewMessage {
     pub fn stored(self, id: i64, timestamp: &str) -> StoredMessage {
         StoredMessage {
             id,
-            sender: self.sender,
-            sender_display_name: self.sender_display_name,
+            sender: self.sender.to_string(),
+            sender_display_name: self.sender_display_name.to_string(),
             recipient: self.recipient,
             message: self.message,
             timestamp: timestamp.to_string(),

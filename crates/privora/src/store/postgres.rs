@@ -420,8 +420,8 @@ async fn append_one(
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING id)
          INSERT INTO pending (recipient, message_id) SELECT $3, id FROM m RETURNING message_id",
     )
-    .bind(&message.sender)
-    .bind(&message.sender_display_name)
+    .bind(&*message.sender)
+    .bind(&*message.sender_display_name)
     .bind(&message.recipient)
     .bind(&message.message)
     .bind(timestamp)
@@ -429,13 +429,13 @@ async fn append_one(
     .fetch_one(&mut *tx)
     .await?
     .get(0);
-    let pair = (message.sender.clone(), message.recipient.clone());
+    let pair = (message.sender.to_string(), message.recipient.clone());
     if !cache.contacts.contains(&pair) {
         sqlx::query(
             "INSERT INTO contacts (user_id, partner_id) VALUES ($1, $2), ($2, $1)
              ON CONFLICT DO NOTHING",
         )
-        .bind(&message.sender)
+        .bind(&*message.sender)
         .bind(&message.recipient)
         .execute(&mut *tx)
         .await?;
@@ -443,7 +443,7 @@ async fn append_one(
     }
     if let Some(key) = key {
         sqlx::query("UPDATE sent_msg_ids SET message_id = $3 WHERE sender = $1 AND msg_id = $2")
-            .bind(&message.sender)
+            .bind(&*message.sender)
             .bind(key)
             .bind(id)
             .execute(&mut *tx)

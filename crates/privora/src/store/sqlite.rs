@@ -1323,7 +1323,7 @@ fn append(
                 )?
                 .query_row([first_id], message_row)?;
             // A fingerprint names one message; another sender's or msg_id's is a collision.
-            let same = first.sender == message.sender
+            let same = *first.sender == *message.sender
                 && first.msg_id.as_ref().map(|id| id.to_string()).as_deref() == Some(key);
             if same {
                 return Ok(sent_again(first, &message));

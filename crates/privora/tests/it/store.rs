@@ -45,7 +45,7 @@ fn user(id: &str, name: Option<&str>) -> UserRecord {
 fn message(from: &str, to: &str, text: &str) -> NewMessage {
     NewMessage {
         sender: from.into(),
-        sender_display_name: from.to_uppercase(),
+        sender_display_name: from.to_uppercase().into(),
         recipient: to.into(),
         message: text.into(),
         msg_id: None,
