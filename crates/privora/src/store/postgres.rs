@@ -19,6 +19,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use sqlx::{ConnectOptions, Connection, FromRow, Row};
 
 use super::batch_queue::Batches;
+use super::msg_ids::fingerprint;
 use super::sqlite::now_iso8601;
 use super::writer::{Reply, WriteOp, WriteQueue, WriterCache};
 use super::{
@@ -289,10 +290,12 @@ enum Outcome {
 /// committed, or with the database's error if the transaction failed (nothing in it is stored).
 async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, work: Vec<WriteOp>) {
     let mut outcomes = Vec::with_capacity(work.len());
+    let claims = MsgIdClaims::of(&work);
     let mut ops = work.into_iter();
     let result: Result<(), sqlx::Error> = async {
         let mut conn = pool.acquire().await?;
         let mut tx = conn.begin().await?;
+        claims.lock(&mut tx).await?;
         let timestamp = now_iso8601();
         for op in ops.by_ref() {
             match op {
@@ -450,6 +453,52 @@ async fn append_one(
             .await?;
     }
     Ok(Ok(Appended::New(Receipt { id, timestamp: timestamp.to_string() })))
+}
+
+/// The msg_ids a batch will claim, as the transaction-scoped advisory locks that guard them,
+/// sorted.
+///
+/// Two nodes whose batches hold one sender's msg_ids in opposite orders (a client that resent
+/// on a new connection to another node while its old one's batch was uncommitted) would each
+/// claim one row and wait for the other's: PostgreSQL finds the deadlock after a second and
+/// aborts a batch, refusing every message in it. Taking the locks first, in one order on every
+/// node, makes the second batch wait for the first's commit instead, and then find its claims.
+/// A lock is a sender's msg_id's `fingerprint` split in two halves (the two-key form: the
+/// migration's one-key lock is another space); two msg_ids with one fingerprint only wait.
+struct MsgIdClaims {
+    high: Vec<i32>,
+    low: Vec<i32>,
+}
+
+impl MsgIdClaims {
+    fn of(work: &[WriteOp]) -> MsgIdClaims {
+        let mut keys: Vec<u64> = work
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Append(message, _) if message.idempotent => {
+                    message.msg_id.as_ref().map(|msg_id| fingerprint(&message.sender, &msg_id.to_string()))
+                }
+                _ => None,
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let (high, low) = keys.iter().map(|&key| ((key >> 32) as u32 as i32, key as u32 as i32)).unzip();
+        MsgIdClaims { high, low }
+    }
+
+    /// Takes the locks in order (`unnest` yields the arrays' elements in order).
+    async fn lock(&self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.high.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("SELECT pg_advisory_xact_lock(h, l) FROM unnest($1::int4[], $2::int4[]) AS t(h, l)")
+            .bind(&self.high)
+            .bind(&self.low)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
 }
 
 /// Claims a sender's `msg_id` for the message about to be stored (its row says message 0 until
