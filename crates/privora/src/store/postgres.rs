@@ -288,9 +288,22 @@ enum Outcome {
 
 /// Runs a batch in one transaction and answers every operation in it: with its own result once
 /// committed, or with the database's error if the transaction failed (nothing in it is stored).
-async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, work: Vec<WriteOp>) {
+///
+/// Rows that another node's batch may write too are written in one order on every node, so
+/// that two batches wait for each other instead of deadlocking (PostgreSQL would abort one
+/// after a second, refusing every message in it): the msg_id claims (`MsgIdClaims`), the users
+/// (upserts first, by user id; an append after them only finds its recipient sooner) and the
+/// conversation pairs (`contacts`, all of the batch's at its end, sorted).
+async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, mut work: Vec<WriteOp>) {
     let mut outcomes = Vec::with_capacity(work.len());
     let claims = MsgIdClaims::of(&work);
+    work.sort_by(|a, b| match (a, b) {
+        (WriteOp::UpsertUser(a, _), WriteOp::UpsertUser(b, _)) => a.user_id.cmp(&b.user_id),
+        (WriteOp::UpsertUser(..), _) => std::cmp::Ordering::Less,
+        (_, WriteOp::UpsertUser(..)) => std::cmp::Ordering::Greater,
+        _ => std::cmp::Ordering::Equal,
+    });
+    let mut pairs = Vec::new();
     let mut ops = work.into_iter();
     let result: Result<(), sqlx::Error> = async {
         let mut conn = pool.acquire().await?;
@@ -300,7 +313,7 @@ async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, work: Vec<WriteOp>
         for op in ops.by_ref() {
             match op {
                 WriteOp::Append(message, reply) => {
-                    let result = append_one(&mut tx, cache, message, &timestamp).await;
+                    let result = append_one(&mut tx, cache, &mut pairs, message, &timestamp).await;
                     match result {
                         Ok(stored) => outcomes.push(Outcome::Message(reply, stored)),
                         Err(error) => {
@@ -342,6 +355,7 @@ async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, work: Vec<WriteOp>
                 }
             }
         }
+        insert_contacts(&mut tx, cache, pairs).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -395,6 +409,7 @@ async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, work: Vec<WriteOp>
 async fn append_one(
     tx: &mut PgConnection,
     cache: &mut WriterCache,
+    pairs: &mut Vec<(String, String)>,
     message: NewMessage,
     timestamp: &str,
 ) -> Result<Result<Appended, StoreError>, sqlx::Error> {
@@ -434,15 +449,7 @@ async fn append_one(
     .get(0);
     let pair = (message.sender.to_string(), message.recipient.clone());
     if !cache.contacts.contains(&pair) {
-        sqlx::query(
-            "INSERT INTO contacts (user_id, partner_id) VALUES ($1, $2), ($2, $1)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&*message.sender)
-        .bind(&message.recipient)
-        .execute(&mut *tx)
-        .await?;
-        cache.contacts.insert(pair);
+        pairs.push(pair);
     }
     if let Some(key) = key {
         sqlx::query("UPDATE sent_msg_ids SET message_id = $3 WHERE sender = $1 AND msg_id = $2")
@@ -453,6 +460,34 @@ async fn append_one(
             .await?;
     }
     Ok(Ok(Appended::New(Receipt { id, timestamp: timestamp.to_string() })))
+}
+
+/// Records the batch's new conversation pairs, both ways, in key order (see `commit_batch`).
+async fn insert_contacts(
+    tx: &mut PgConnection,
+    cache: &mut WriterCache,
+    pairs: Vec<(String, String)>,
+) -> Result<(), sqlx::Error> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let mut rows: Vec<(&str, &str)> =
+        pairs.iter().flat_map(|(a, b)| [(a.as_str(), b.as_str()), (b.as_str(), a.as_str())]).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let (users, partners): (Vec<&str>, Vec<&str>) = rows.into_iter().unzip();
+    // Rows go in in the arrays' order (`unnest` yields them in order).
+    sqlx::query(
+        "INSERT INTO contacts (user_id, partner_id) SELECT * FROM unnest($1::text[], $2::text[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&users)
+    .bind(&partners)
+    .execute(&mut *tx)
+    .await?;
+    // Rolled back with the batch if it fails: the cache is emptied then.
+    cache.contacts.extend(pairs);
+    Ok(())
 }
 
 /// The msg_ids a batch will claim, as the transaction-scoped advisory locks that guard them,

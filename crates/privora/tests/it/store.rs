@@ -2,6 +2,7 @@
 
 use privora::store::postgres::PostgresStore;
 use privora::store::sqlite::{IndexPolicy, SqliteStore};
+use privora::store::writer::WriteOp;
 use privora::store::{Appended, NewMessage, Receipt, Store, StoreError, StoredMessage, UserRecord};
 use privora_protocol::Contact;
 use serde_json::json;
@@ -778,6 +779,61 @@ async fn postgres_nodes_taking_one_senders_msg_ids_in_opposite_orders_store_each
     let mut expected = keys.clone();
     expected.sort();
     assert_eq!(texts, expected);
+    for node in &nodes {
+        node.close().await;
+    }
+}
+
+/// Two nodes write the same rows in opposite orders at once, each node's operations as one
+/// batch: both upsert the same users (new display names, so the rows change), and their
+/// messages start the same conversations, one node's from the one side and in the reverse
+/// order. Neither batch is refused (a deadlock made PostgreSQL abort one), and both sides of
+/// every conversation are recorded.
+#[tokio::test]
+async fn postgres_nodes_writing_the_same_users_and_pairs_in_opposite_orders_are_not_refused() {
+    let url = crate::support::cluster::pg_schema_url().await;
+    let nodes = [PostgresStore::open(&url, 4).await.unwrap(), PostgresStore::open(&url, 4).await.unwrap()];
+    let people: Vec<String> = (0..40).map(|i| format!("p{i:02}")).collect();
+    for person in &people {
+        nodes[0].upsert_user(user(person, None)).await.unwrap();
+    }
+    let mut refused = Vec::new();
+    for round in 0..3 {
+        let pairs: Vec<(usize, usize)> = (0..20).map(|i| (i, 20 + (i + round) % 20)).collect();
+        let (mut upserts, mut appends) = (Vec::new(), Vec::new());
+        for (node, store) in nodes.iter().enumerate() {
+            let mut names: Vec<&String> = people.iter().collect();
+            let mut talks = pairs.clone();
+            if node == 1 {
+                names.reverse();
+                talks.reverse();
+            }
+            let writes = store.writes();
+            for person in names {
+                let name = format!("round {round} node {node}");
+                let record = user(person, Some(&name));
+                upserts.push(writes.queue(|reply| WriteOp::UpsertUser(record, reply), None).await.unwrap());
+            }
+            for (a, b) in talks {
+                let (from, to) = if node == 0 { (a, b) } else { (b, a) };
+                appends.push(writes.queue_append(message(&people[from], &people[to], "hi")).await.unwrap());
+            }
+        }
+        for upsert in upserts {
+            if let Err(error) = upsert.await {
+                refused.push(format!("round {round}: an upsert: {error}"));
+            }
+        }
+        for append in appends {
+            if let Err(error) = append.await {
+                refused.push(format!("round {round}: an append: {error}"));
+            }
+        }
+    }
+    assert!(refused.is_empty(), "{} refused, first: {:?}", refused.len(), refused.first());
+    let mut partners = contact_ids(&nodes[1], "p00").await;
+    partners.sort();
+    assert_eq!(partners, ["p20", "p21", "p22"], "each round's conversation, recorded once");
     for node in &nodes {
         node.close().await;
     }
