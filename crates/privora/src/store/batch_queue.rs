@@ -162,10 +162,6 @@ impl<T> BatchQueue<T> {
         self.len() == 0
     }
 
-    pub fn capacity(&self) -> usize {
-        self.shared.capacity
-    }
-
     pub fn is_closed(&self) -> bool {
         self.shared.lock().closed
     }

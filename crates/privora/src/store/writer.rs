@@ -52,7 +52,7 @@ pub struct Full<T> {
 impl<T> Full<T> {
     /// Waits for room in the queue, then queues the operation.
     ///
-    /// Waiting is boxed: the semaphore's wait and the operation would otherwise be part of the
+    /// Waiting is boxed: the wait for room and the operation would otherwise be part of the
     /// caller's future, which runs on every frame while this runs almost never.
     pub async fn wait(self, queue: &WriteQueue) -> Result<Commit<T>, StoreError> {
         Box::pin(queue.writes.push(self.op)).await.map_err(|_| StoreError::Closed)?;
