@@ -10,6 +10,7 @@
 //! nothing pretends to be stored), reads are retried a few times first, and the pool reconnects
 //! by itself once the database is back: no restart needed.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -293,6 +294,7 @@ enum Outcome {
 /// that two batches wait for each other instead of deadlocking (PostgreSQL would abort one
 /// after a second, refusing every message in it): the msg_id claims (`MsgIdClaims`), the users
 /// (upserts first, by user id; an append after them only finds its recipient sooner) and the
+/// confirmations (`pending` deletes, after the appends, by recipient and id) and the
 /// conversation pairs (`contacts`, all of the batch's at its end, sorted).
 async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, mut work: Vec<WriteOp>) {
     let mut outcomes = Vec::with_capacity(work.len());
@@ -304,6 +306,7 @@ async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, mut work: Vec<Writ
         _ => std::cmp::Ordering::Equal,
     });
     let mut pairs = Vec::new();
+    let mut confirmed: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     let mut ops = work.into_iter();
     let result: Result<(), sqlx::Error> = async {
         let mut conn = pool.acquire().await?;
@@ -324,11 +327,7 @@ async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, mut work: Vec<Writ
                 }
                 WriteOp::Delivered { recipient, ids, reply } => {
                     outcomes.push(Outcome::Unit(reply));
-                    sqlx::query("DELETE FROM pending WHERE recipient = $1 AND message_id = ANY($2)")
-                        .bind(&recipient)
-                        .bind(&ids)
-                        .execute(&mut *tx)
-                        .await?;
+                    confirmed.entry(recipient).or_default().extend(ids);
                 }
                 WriteOp::UpsertUser(user, reply) => {
                     outcomes.push(Outcome::Unit(reply));
@@ -355,6 +354,7 @@ async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, mut work: Vec<Writ
                 }
             }
         }
+        delete_confirmed(&mut tx, confirmed).await?;
         insert_contacts(&mut tx, cache, pairs).await?;
         tx.commit().await?;
         Ok(())
@@ -460,6 +460,30 @@ async fn append_one(
             .await?;
     }
     Ok(Ok(Appended::New(Receipt { id, timestamp: timestamp.to_string() })))
+}
+
+/// Deletes the `pending` rows of a batch's confirmations, recipient by recipient in key order
+/// and each recipient's ids ascending, so that two nodes confirming the same messages (one
+/// user's devices on both) take the rows' locks in one order and wait instead of deadlocking.
+/// A confirmation can only follow its message's commit, so none is of an append of its batch.
+async fn delete_confirmed(
+    tx: &mut PgConnection,
+    confirmed: BTreeMap<String, Vec<i64>>,
+) -> Result<(), sqlx::Error> {
+    for (recipient, mut ids) in confirmed {
+        ids.sort_unstable();
+        ids.dedup();
+        sqlx::query(
+            "DELETE FROM pending WHERE (recipient, message_id) IN
+                 (SELECT recipient, message_id FROM pending
+                  WHERE recipient = $1 AND message_id = ANY($2) ORDER BY message_id FOR UPDATE)",
+        )
+        .bind(&recipient)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Records the batch's new conversation pairs, both ways, in key order (see `commit_batch`).

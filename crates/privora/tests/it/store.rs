@@ -838,3 +838,52 @@ async fn postgres_nodes_writing_the_same_users_and_pairs_in_opposite_orders_are_
         node.close().await;
     }
 }
+
+/// One user's devices on two nodes confirm the same messages at once, each node's
+/// confirmations of twenty conversations as one batch, in opposite orders (as happens when
+/// other users' confirmations share the batches). Neither batch is refused (a deadlock made
+/// PostgreSQL abort one, and its messages stayed pending), and nothing is left pending.
+#[tokio::test]
+async fn postgres_nodes_confirming_the_same_messages_in_opposite_orders_are_not_refused() {
+    let url = crate::support::cluster::pg_schema_url().await;
+    let nodes = [PostgresStore::open(&url, 4).await.unwrap(), PostgresStore::open(&url, 4).await.unwrap()];
+    let people: Vec<String> = (0..20).map(|i| format!("r{i:02}")).collect();
+    nodes[0].upsert_user(user("s", None)).await.unwrap();
+    for person in &people {
+        nodes[0].upsert_user(user(person, None)).await.unwrap();
+    }
+    let mut refused = Vec::new();
+    for round in 0..3 {
+        let mut ids: Vec<(String, Vec<i64>)> = Vec::new();
+        for person in &people {
+            let mut theirs = Vec::new();
+            for i in 0..10 {
+                let stored = nodes[0].append(message("s", person, &format!("{round}.{i}"))).await.unwrap();
+                theirs.push(stored.id);
+            }
+            ids.push((person.clone(), theirs));
+        }
+        let mut confirmations = Vec::new();
+        for (node, store) in nodes.iter().enumerate() {
+            let mut order = ids.clone();
+            if node == 1 {
+                order.reverse();
+            }
+            for (person, theirs) in order {
+                confirmations.push(store.writes().queue_delivered(&person, theirs).await.unwrap());
+            }
+        }
+        for confirmation in confirmations {
+            if let Err(error) = confirmation.await {
+                refused.push(format!("round {round}: {error}"));
+            }
+        }
+    }
+    assert!(refused.is_empty(), "{} refused, first: {:?}", refused.len(), refused.first());
+    for person in &people {
+        assert!(nodes[1].pending(person).await.unwrap().is_empty(), "{person} has nothing pending");
+    }
+    for node in &nodes {
+        node.close().await;
+    }
+}
