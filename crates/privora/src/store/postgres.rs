@@ -293,7 +293,7 @@ enum Outcome {
 /// Rows that another node's batch may write too are written in one order on every node, so
 /// that two batches wait for each other instead of deadlocking (PostgreSQL would abort one
 /// after a second, refusing every message in it): the msg_id claims (`MsgIdClaims`), the users
-/// (upserts first, by user id; an append after them only finds its recipient sooner) and the
+/// (upserts first, by user id; an append after them only finds its recipient sooner), the
 /// confirmations (`pending` deletes, after the appends, by recipient and id) and the
 /// conversation pairs (`contacts`, all of the batch's at its end, sorted).
 async fn commit_batch(pool: &PgPool, cache: &mut WriterCache, mut work: Vec<WriteOp>) {
