@@ -39,6 +39,20 @@ enum Command {
     Healthcheck,
 }
 
+/// Removes the settings' environment variables that are set but empty, so that an empty one
+/// counts as unset. Docker Compose passes `VAR: ${VAR:-}` on as an empty variable, and clap
+/// takes that as a value: an empty `FIREBASE_ADMIN_CREDENTIALS_JSON` was refused as a missing
+/// path and an empty `PRIVORA_DEV_SECRET` as a short secret, so the compose file's backend did
+/// not start. Called first thing in `main`, before any other thread exists.
+fn forget_empty_settings() {
+    let command = <Cli as clap::CommandFactory>::command();
+    for name in command.get_arguments().filter_map(|arg| arg.get_env()) {
+        if std::env::var_os(name).is_some_and(|value| value.is_empty()) {
+            std::env::remove_var(name);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // A missing .env is normal; a broken one is worth saying.
     if let Err(error) = dotenvy::dotenv() {
@@ -47,6 +61,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    forget_empty_settings();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.settings.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

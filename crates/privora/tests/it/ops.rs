@@ -3,6 +3,7 @@
 
 use serde_json::json;
 
+use crate::support::cluster::Node;
 use crate::support::TestServer;
 
 #[tokio::test]
@@ -126,4 +127,23 @@ async fn openapi_describes_the_rest_endpoints() {
     assert_eq!(doc["paths"]["/dev/token"]["post"]["requestBody"]["required"], true);
     assert!(doc["components"]["schemas"]["Contact"]["properties"]["userId"].is_object());
     assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+}
+
+/// The compose file passes the settings it does not set on as empty variables
+/// (`FIREBASE_ADMIN_CREDENTIALS_JSON: ${FIREBASE_ADMIN_CREDENTIALS_JSON:-}`). Empty counts as
+/// unset: the server starts, in development mode. (It did not: an empty credentials path and
+/// an empty development secret were refused, and the compose stack's backend never came up.)
+#[tokio::test]
+async fn settings_given_as_empty_variables_count_as_unset() {
+    let empty = [
+        ("FIREBASE_ADMIN_CREDENTIALS_JSON", ""),
+        ("FIREBASE_PROJECT_ID", ""),
+        ("PRIVORA_FIREBASE_WEB_CONFIG", ""),
+        ("PRIVORA_DEV_SECRET", ""),
+        ("REDIS_URL", ""),
+    ];
+    let node = Node::spawn_with("sqlite://privora.db", None, &empty).await;
+    let config: serde_json::Value =
+        reqwest::get(node.url("/api/config")).await.expect("GET /api/config").json().await.expect("JSON");
+    assert_eq!(config["auth"], "development", "{config}");
 }

@@ -113,6 +113,11 @@ impl Node {
     /// Starts `privora serve` on an ephemeral port, with a short presence TTL so a dead node's
     /// users go offline quickly.
     pub async fn spawn(database_url: &str, redis_url: Option<&str>) -> Node {
+        Node::spawn_with(database_url, redis_url, &[]).await
+    }
+
+    /// `spawn` with more environment variables, set last (so they may override the above).
+    pub async fn spawn_with(database_url: &str, redis_url: Option<&str>, env: &[(&str, &str)]) -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("node.log");
         let mut command = Command::new(env!("CARGO_BIN_EXE_privora"));
@@ -133,6 +138,7 @@ impl Node {
         if let Some(url) = redis_url {
             command.env("REDIS_URL", url);
         }
+        command.envs(env.iter().copied());
         let mut child = command.spawn().expect("privora serve starts");
         let mut addr = None;
         for _ in 0..300 {
