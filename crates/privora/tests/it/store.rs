@@ -715,6 +715,12 @@ async fn concurrent_appends(store: std::sync::Arc<dyn Store>) {
     store.close().await;
 }
 
+/// Two PostgreSQL stores on one fresh schema: two nodes of a cluster, as far as the store goes.
+async fn two_postgres_nodes() -> [PostgresStore; 2] {
+    let url = crate::support::cluster::pg_schema_url().await;
+    [PostgresStore::open(&url, 4).await.unwrap(), PostgresStore::open(&url, 4).await.unwrap()]
+}
+
 /// Two nodes on one PostgreSQL take the same client's resent messages (one sender, the same
 /// msg_ids) at once, in opposite orders, each node's in one batch. Their claims of the msg_ids
 /// used to deadlock, and PostgreSQL aborted one batch; now neither is refused, and each msg_id
@@ -723,8 +729,7 @@ async fn concurrent_appends(store: std::sync::Arc<dyn Store>) {
 /// shows the count rather than a lost message.)
 #[tokio::test]
 async fn postgres_nodes_taking_one_senders_msg_ids_in_opposite_orders_store_each_once() {
-    let url = crate::support::cluster::pg_schema_url().await;
-    let nodes = [PostgresStore::open(&url, 4).await.unwrap(), PostgresStore::open(&url, 4).await.unwrap()];
+    let nodes = two_postgres_nodes().await;
     for id in ["s", "r"] {
         nodes[0].upsert_user(user(id, None)).await.unwrap();
     }
@@ -791,8 +796,7 @@ async fn postgres_nodes_taking_one_senders_msg_ids_in_opposite_orders_store_each
 /// every conversation are recorded.
 #[tokio::test]
 async fn postgres_nodes_writing_the_same_users_and_pairs_in_opposite_orders_are_not_refused() {
-    let url = crate::support::cluster::pg_schema_url().await;
-    let nodes = [PostgresStore::open(&url, 4).await.unwrap(), PostgresStore::open(&url, 4).await.unwrap()];
+    let nodes = two_postgres_nodes().await;
     let people: Vec<String> = (0..40).map(|i| format!("p{i:02}")).collect();
     for person in &people {
         nodes[0].upsert_user(user(person, None)).await.unwrap();
@@ -845,8 +849,7 @@ async fn postgres_nodes_writing_the_same_users_and_pairs_in_opposite_orders_are_
 /// PostgreSQL abort one, and its messages stayed pending), and nothing is left pending.
 #[tokio::test]
 async fn postgres_nodes_confirming_the_same_messages_in_opposite_orders_are_not_refused() {
-    let url = crate::support::cluster::pg_schema_url().await;
-    let nodes = [PostgresStore::open(&url, 4).await.unwrap(), PostgresStore::open(&url, 4).await.unwrap()];
+    let nodes = two_postgres_nodes().await;
     let people: Vec<String> = (0..20).map(|i| format!("r{i:02}")).collect();
     nodes[0].upsert_user(user("s", None)).await.unwrap();
     for person in &people {
