@@ -12,7 +12,6 @@ use privora::store::sqlite::SqliteStore;
 use privora::store::{NewMessage, Store, UserRecord};
 use privora_protocol::{ClientFrame, LiveMessage, ServerFrame};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 const CLIENT_FRAME: &str = r#"{"type":"message","to":"bob@example.com","message":"Hello Bob, are we still on for tomorrow at ten?","msg_id":"c0ffee-42"}"#;
 
@@ -83,7 +82,7 @@ fn hub_routing(c: &mut Criterion) {
     let mut receivers = Vec::new();
     for user in 0..10_000 {
         let (queue, rx) = mpsc::channel(1 << 16);
-        let device = Device { conn: hub.next_conn_id(), queue, cut_off: CancellationToken::new() };
+        let device = Device { conn: hub.next_conn_id(), queue, cut_off: Default::default() };
         hub.register(&format!("user{user}"), device);
         receivers.push(rx);
     }

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod server;
 pub mod session;
+pub mod signal;
 pub mod store;
 pub mod web;
 

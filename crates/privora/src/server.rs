@@ -17,6 +17,7 @@ use crate::directory::Directory;
 use crate::firebase::{Firebase, SetupError};
 use crate::hub::redis::{BrokerError, RedisBroker};
 use crate::hub::{Broker, Hub};
+use crate::session::Connections;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -33,6 +34,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Every running session, so that shutdown can wait for them.
     pub sessions: TaskTracker,
+    /// Every open connection's cut-off, so that shutdown can close them.
+    pub connections: Connections,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         directory,
         shutdown,
         sessions: TaskTracker::new(),
+        connections: Connections::default(),
     });
     if let Broker::Redis(redis) = state.hub.broker() {
         crate::hub::redis::spawn(state.clone(), redis.clone());
@@ -140,6 +144,7 @@ impl RunningServer {
     pub async fn shutdown(self) {
         let state = self.state;
         state.shutdown.cancel();
+        state.connections.cut_all();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.serve).await;
         state.sessions.close();
         if tokio::time::timeout(Duration::from_secs(10), state.sessions.wait()).await.is_err() {

@@ -18,7 +18,8 @@ use std::sync::{Arc, RwLock};
 use axum::extract::ws::{CloseFrame, Utf8Bytes};
 use foldhash::HashMap;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+
+use crate::signal::Signal;
 
 /// One WebSocket connection's id, unique in this process.
 pub type ConnId = u64;
@@ -72,8 +73,8 @@ const _: () = assert!(std::mem::size_of::<Outbound>() <= 16, "Outbound is one qu
 pub struct Device {
     pub conn: ConnId,
     pub queue: mpsc::Sender<Outbound>,
-    /// Cancelled when the connection must go (slow consumer).
-    pub cut_off: CancellationToken,
+    /// Raised when the connection must go (slow consumer).
+    pub cut_off: Arc<Signal>,
 }
 
 impl Device {
@@ -84,7 +85,7 @@ impl Device {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(conn = self.conn, "slow consumer: outbound queue full, cutting it off");
-                self.cut_off.cancel();
+                self.cut_off.raise();
                 false
             }
             // The connection is ending; its messages stay pending.
@@ -248,7 +249,7 @@ mod tests {
 
     fn device(hub: &Hub, capacity: usize) -> (Device, mpsc::Receiver<Outbound>) {
         let (queue, rx) = mpsc::channel(capacity);
-        (Device { conn: hub.next_conn_id(), queue, cut_off: CancellationToken::new() }, rx)
+        (Device { conn: hub.next_conn_id(), queue, cut_off: Arc::default() }, rx)
     }
 
     #[test]
@@ -287,8 +288,8 @@ mod tests {
         let (a, _ra) = device(&hub, 1);
         hub.register("u", a.clone());
         assert_eq!(hub.send("u", OutFrame::plain("1")), 1);
-        assert!(!a.cut_off.is_cancelled());
+        assert!(!a.cut_off.is_raised());
         assert_eq!(hub.send("u", OutFrame::plain("2")), 0);
-        assert!(a.cut_off.is_cancelled());
+        assert!(a.cut_off.is_raised());
     }
 }

@@ -18,16 +18,16 @@
 mod active;
 mod login;
 mod presence;
-mod signal;
+mod registry;
 mod tracker;
 mod writer;
 
 use login::AwaitingLogin;
-use signal::Signal;
 use tracker::Tracker;
 use writer::Writer;
 
 pub(crate) use presence::announce;
+pub use registry::Connections;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -38,12 +38,12 @@ use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use privora_protocol::LiveMessage;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::hub::{ConnId, OutFrame, Outbound};
 use crate::metrics;
 use crate::server::AppState;
+use crate::signal::Signal;
 use crate::store::StoredMessage;
 
 /// Close code for authentication failures only: clients sign the user out on it.
@@ -77,12 +77,10 @@ pub fn run(socket: WebSocket, state: Arc<AppState>) -> impl Future<Output = ()> 
         id: state.hub.next_conn_id(),
         out,
         tracker: Arc::new(Mutex::new(Tracker::new())),
-        // A child of the server's shutdown token: the writer waits on this one token (its own
-        // lock) instead of also on the token every connection shares, which each wake-up of
-        // each writer locked and queued on.
-        cut_off: state.shutdown.child_token(),
+        cut_off: Arc::new(Signal::default()),
         ended: Arc::new(Signal::default()),
     };
+    state.connections.open(conn.id, &conn.cut_off, &state.shutdown);
     let writer = Writer::new(sink, &conn, &state);
     let writer = tokio::spawn(writer.run(queue));
     async move {
@@ -103,9 +101,9 @@ struct Conn {
     id: ConnId,
     out: mpsc::Sender<Outbound>,
     tracker: Arc<Mutex<Tracker>>,
-    /// Cancelled by the hub when this connection's queue overflows, and with the server's
-    /// shutdown token (it is a child of it).
-    cut_off: CancellationToken,
+    /// Raised by the hub when this connection's queue overflows, and by a shutdown
+    /// (`Connections`).
+    cut_off: Arc<Signal>,
     /// Raised by the writer when it stops: the reader stops too.
     ended: Arc<Signal>,
 }

@@ -13,15 +13,14 @@ use futures_util::SinkExt;
 use privora_protocol::ServerFrame;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::signal::Signal;
 use super::tracker::Tracker;
 use super::{lock, Conn, CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN, REMEMBERED_IDS, WRITE_BATCH};
 use crate::error::Error;
-use crate::hub::{OutFrame, Outbound};
+use crate::hub::{ConnId, OutFrame, Outbound};
 use crate::metrics;
 use crate::server::AppState;
+use crate::signal::Signal;
 
 /// Where the writer is: before the login burst it holds routed frames back.
 pub(super) enum Phase {
@@ -62,16 +61,15 @@ pub(super) struct Writer {
     /// the connection's traffic).
     remember_live: bool,
     max_held: usize,
-    /// Cancelled on a cut-off (by the hub) and on a shutdown (it is a child of `shutdown`).
-    cut_off: CancellationToken,
-    /// The wait on `cut_off`, made once. A wait made afresh at every wake-up registered with the
-    /// token and deregistered again each time, a lock each, for every frame written. None only
-    /// while a batch is written (it is then borrowed by the write's own `select!`).
-    cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    conn: ConnId,
+    /// Raised on a cut-off (by the hub, or by this writer when too much is held back) and on a
+    /// shutdown (by `state.connections`).
+    cut_off: Arc<Signal>,
     /// Raised by the writer when it stops: the reader stops too.
     ended: Arc<Signal>,
-    /// The server's shutdown token: only looked at once `cut_off` fired, to tell which it was.
-    shutdown: CancellationToken,
+    /// For the shutdown token (only looked at once `cut_off` is raised, to tell which it was)
+    /// and the list of open connections this one leaves when it stops.
+    state: Arc<AppState>,
     ping_interval: Duration,
     /// How far apart delivery pings are kept now: between the least (`PRIVORA_DELIVERY_PING_MS`)
     /// and the most (`PRIVORA_DELIVERY_PING_MAX_MS`), see `delivery_ping_due`.
@@ -88,7 +86,7 @@ fn close_frame(code: u16, reason: &str) -> Message {
 }
 
 impl Writer {
-    pub(super) fn new(sink: SplitSink<WebSocket, Message>, conn: &Conn, state: &AppState) -> Writer {
+    pub(super) fn new(sink: SplitSink<WebSocket, Message>, conn: &Conn, state: &Arc<AppState>) -> Writer {
         let ping_interval = state.config.ping_interval;
         let mut heartbeat = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -98,10 +96,10 @@ impl Writer {
             phase: Phase::BeforeLogin { held: Vec::new() },
             remember_live: matches!(state.hub.broker(), crate::hub::Broker::Redis(_)),
             max_held: state.config.outbound_queue,
+            conn: conn.id,
             cut_off: conn.cut_off.clone(),
-            cut: Some(Box::pin(conn.cut_off.clone().cancelled_owned())),
             ended: conn.ended.clone(),
-            shutdown: state.shutdown.clone(),
+            state: state.clone(),
             ping_interval,
             delivery_ping_spacing: Spacing::new(
                 state.config.delivery_ping_spacing,
@@ -119,6 +117,7 @@ impl Writer {
         if let Err(error) = self.serve(&mut queue).await {
             tracing::debug!(%error, "write failed; connection over");
         }
+        self.state.connections.close(self.conn);
         self.ended.raise();
     }
 
@@ -130,7 +129,7 @@ impl Writer {
             // for its heartbeat, and its delivery pings go out with its batches (`drain`).
             let wake = tokio::select! {
                 biased;
-                _ = cut_off(&mut self.cut) => match self.shutdown.is_cancelled() {
+                _ = self.cut_off.raised() => match self.state.shutdown.is_cancelled() {
                     true => Wake::Shutdown,
                     false => Wake::CutOff,
                 },
@@ -184,14 +183,12 @@ impl Writer {
             // A write can block on a peer that does not read; a cut-off or a shutdown must
             // still end the connection then (the unread messages stay pending).
             Wake::Item(first) => {
-                let mut cut = self.cut.take();
-                let flow = tokio::select! {
+                let cut_off = self.cut_off.clone();
+                tokio::select! {
                     biased;
-                    _ = cut_off(&mut cut) => Ok(Flow::Stop),
+                    _ = cut_off.raised() => Ok(Flow::Stop),
                     flow = self.drain(first, queue) => flow,
-                };
-                self.cut = cut;
-                flow
+                }
             }
         }
     }
@@ -259,7 +256,7 @@ impl Writer {
             Outbound::Routed(frame) => match &mut self.phase {
                 Phase::BeforeLogin { held } => {
                     if held.len() >= self.max_held {
-                        self.cut_off.cancel();
+                        self.cut_off.raise();
                     }
                     held.push(*frame);
                 }
@@ -373,14 +370,6 @@ impl Spacing {
 
 fn ping_frame(seq: u64) -> Message {
     Message::Ping(seq.to_be_bytes().to_vec().into())
-}
-
-/// Waits for the cut-off (or the shutdown); never while the wait is lent out.
-async fn cut_off(cut: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>) {
-    match cut {
-        Some(cut) => cut.as_mut().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Waits for the timer, if one is armed (the `select!` only polls this when it is).

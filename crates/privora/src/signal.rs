@@ -1,10 +1,12 @@
-//! A flag raised once that one task waits on: the writer raises `ended` when it stops, and the
-//! reader, which polls it beside every frame it reads, stops too.
+//! A flag raised once that one task waits on. A connection has two: `ended` (the writer raises
+//! it when it stops; the reader, which polls it beside every frame it reads, stops too) and
+//! `cut_off` (raised by the hub for a slow consumer and by a shutdown; the writer polls it at
+//! every wake-up).
 //!
-//! A `CancellationToken` did this before. Waiting on one takes the token's lock to look at it,
-//! and its waiter list's lock to register and again to deregister, every time the reader went
-//! back to waiting for a frame: three locks a frame for a flag that is raised once in the
-//! connection's life. Here, an atomic load and a waker compare.
+//! `CancellationToken`s did both before. Looking at one takes the token's lock, and waiting on
+//! one takes its waiter list's lock too, at every poll: locks on every frame for flags that are
+//! raised once in a connection's life (the writer's cut-off wait was 1.3 % of the workers'
+//! samples, session 16). Here, an atomic load and a waker compare.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,21 +14,25 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
-#[derive(Default)]
-pub(super) struct Signal {
+#[derive(Debug, Default)]
+pub struct Signal {
     raised: AtomicBool,
     waker: AtomicWaker,
 }
 
 impl Signal {
     /// Raises the flag and wakes the task waiting on it, if any.
-    pub(super) fn raise(&self) {
+    pub fn raise(&self) {
         self.raised.store(true, Ordering::Release);
         self.waker.wake();
     }
 
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
     /// Ready once raised. Only the task that polled last is woken: one waiter at a time.
-    pub(super) fn poll_raised(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub fn poll_raised(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.raised.load(Ordering::Acquire) {
             return Poll::Ready(());
         }
@@ -38,7 +44,7 @@ impl Signal {
         }
     }
 
-    pub(super) async fn raised(&self) {
+    pub async fn raised(&self) {
         poll_fn(|cx| self.poll_raised(cx)).await
     }
 }
