@@ -8,11 +8,20 @@
 //! `try_recv` at a time. Here a sender pushes onto a `Vec` under a mutex held for the push
 //! alone, and the writer swaps the whole `Vec` for its own drained one: once warm, queueing
 //! allocates nothing, and a batch costs one lock.
+//!
+//! Bounded twice: by the number of items and by what they weigh (`Weigh`, the bytes of the
+//! messages they carry), so that a queue long enough for the many small messages of an ordinary
+//! overload still holds only so many bytes of large ones.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tokio::sync::Notify;
+
+/// What an item holds in memory, roughly in bytes, for the queue's byte bound.
+pub trait Weigh {
+    fn weight(&self) -> usize;
+}
 
 /// How the consumer waits for items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +47,7 @@ pub struct Batches<T> {
 struct Shared<T> {
     state: Mutex<State<T>>,
     capacity: usize,
+    max_weight: usize,
     consumer: Consumer,
     thread_wake: Condvar,
     task_wake: Notify,
@@ -47,6 +57,8 @@ struct Shared<T> {
 
 struct State<T> {
     items: Vec<T>,
+    /// What `items` weigh together.
+    weight: usize,
     closed: bool,
     /// The consumer found the queue empty and waits (or is about to): the next push wakes it.
     consumer_waiting: bool,
@@ -72,16 +84,23 @@ pub enum Taken {
     Closed,
 }
 
-/// A queue of at most `capacity` items and its consumer's side.
-pub fn batch_queue<T>(capacity: usize, consumer: Consumer) -> (BatchQueue<T>, Batches<T>) {
+/// A queue of at most `capacity` items weighing at most `max_weight` together (an item heavier
+/// than that on its own is taken when the queue is empty), and its consumer's side.
+pub fn batch_queue<T: Weigh>(
+    capacity: usize,
+    max_weight: usize,
+    consumer: Consumer,
+) -> (BatchQueue<T>, Batches<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             items: Vec::with_capacity(capacity.min(1024)),
+            weight: 0,
             closed: false,
             consumer_waiting: false,
             room_wanted: false,
         }),
         capacity: capacity.max(1),
+        max_weight,
         consumer,
         thread_wake: Condvar::new(),
         task_wake: Notify::new(),
@@ -108,6 +127,7 @@ impl<T> Shared<T> {
         let dropped = {
             let mut state = self.lock();
             state.closed = true;
+            state.weight = 0;
             std::mem::take(&mut state.items)
         };
         // Dropped outside the lock: an item's drop may wake whoever waits on its reply.
@@ -117,17 +137,20 @@ impl<T> Shared<T> {
     }
 }
 
-impl<T> BatchQueue<T> {
+impl<T: Weigh> BatchQueue<T> {
     /// Queues `item` if there is room, without waiting.
     pub fn try_push(&self, item: T) -> Result<(), PushError<T>> {
+        let weight = item.weight();
         let mut state = self.shared.lock();
         if state.closed {
             return Err(PushError::Closed(item));
         }
-        if state.items.len() >= self.shared.capacity {
+        let too_heavy = !state.items.is_empty() && state.weight + weight > self.shared.max_weight;
+        if state.items.len() >= self.shared.capacity || too_heavy {
             state.room_wanted = true;
             return Err(PushError::Full(item));
         }
+        state.weight += weight;
         state.items.push(item);
         let wake = std::mem::take(&mut state.consumer_waiting);
         drop(state);
@@ -174,7 +197,7 @@ impl<T> Drop for BatchQueue<T> {
     }
 }
 
-impl<T> Batches<T> {
+impl<T: Weigh> Batches<T> {
     /// Moves up to `max` queued items, oldest first, into `batch` (empty on entry) if any are
     /// queued. Nothing is allocated when all of them fit: the two vectors are swapped.
     fn take_locked(&self, state: &mut State<T>, batch: &mut Vec<T>, max: usize) -> bool {
@@ -183,8 +206,11 @@ impl<T> Batches<T> {
         }
         if state.items.len() <= max && batch.is_empty() {
             std::mem::swap(&mut state.items, batch);
+            state.weight = 0;
         } else {
             let n = max.max(1).min(state.items.len());
+            let taken: usize = state.items[..n].iter().map(Weigh::weight).sum();
+            state.weight -= taken;
             batch.extend(state.items.drain(..n));
         }
         true
@@ -272,9 +298,28 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// An integer weighs what it says.
+    impl Weigh for i32 {
+        fn weight(&self) -> usize {
+            self.unsigned_abs() as usize
+        }
+    }
+
+    impl Weigh for u32 {
+        fn weight(&self) -> usize {
+            1
+        }
+    }
+
+    impl Weigh for (usize, usize) {
+        fn weight(&self) -> usize {
+            1
+        }
+    }
+
     #[test]
     fn a_take_gets_everything_queued_in_order_up_to_the_most_asked_for() {
-        let (queue, mut batches) = batch_queue(8, Consumer::Thread);
+        let (queue, mut batches) = batch_queue(8, usize::MAX, Consumer::Thread);
         for i in 0..5 {
             queue.try_push(i).unwrap();
         }
@@ -292,7 +337,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_hands_the_item_back_and_a_closed_one_too() {
-        let (queue, mut batches) = batch_queue(2, Consumer::Thread);
+        let (queue, mut batches) = batch_queue(2, usize::MAX, Consumer::Thread);
         queue.try_push(1).unwrap();
         queue.try_push(2).unwrap();
         assert!(matches!(queue.try_push(3), Err(PushError::Full(3))));
@@ -302,8 +347,26 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_holds_no_more_than_its_weight_but_always_one_item() {
+        let (queue, mut batches) = batch_queue(8, 10, Consumer::Thread);
+        assert!(queue.try_push(50).is_ok(), "an item heavier than the bound goes into an empty queue");
+        assert!(matches!(queue.try_push(1), Err(PushError::Full(1))));
+        let mut batch = Vec::new();
+        assert_eq!(batches.take_blocking(&mut batch, 8, None), Taken::Some);
+        for i in [4, 3, 3] {
+            queue.try_push(i).unwrap();
+        }
+        assert!(matches!(queue.try_push(1), Err(PushError::Full(1))), "10 weighed already");
+        batch.clear();
+        assert_eq!(batches.take_blocking(&mut batch, 1, None), Taken::Some);
+        assert_eq!(batch, [4]);
+        queue.try_push(4).unwrap();
+        assert!(matches!(queue.try_push(1), Err(PushError::Full(1))), "a take frees what it took");
+    }
+
+    #[test]
     fn the_consumer_takes_what_is_left_after_the_senders_are_gone() {
-        let (queue, mut batches) = batch_queue(4, Consumer::Thread);
+        let (queue, mut batches) = batch_queue(4, usize::MAX, Consumer::Thread);
         queue.try_push(7).unwrap();
         drop(queue);
         let mut batch = Vec::new();
@@ -317,7 +380,7 @@ mod tests {
     /// each sender's items in its order, and senders that found the queue full got through.
     #[test]
     fn items_from_many_threads_all_arrive_in_each_senders_order() {
-        let (queue, mut batches) = batch_queue::<(usize, usize)>(16, Consumer::Thread);
+        let (queue, mut batches) = batch_queue::<(usize, usize)>(16, usize::MAX, Consumer::Thread);
         let queue = Arc::new(queue);
         let consumer = std::thread::spawn(move || {
             let mut seen = vec![Vec::new(); 4];
@@ -353,7 +416,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_task_consumer_wakes_for_pushes_and_ends_when_closed() {
-        let (queue, mut batches) = batch_queue::<u32>(4, Consumer::Task);
+        let (queue, mut batches) = batch_queue::<u32>(4, usize::MAX, Consumer::Task);
         let consumer = tokio::spawn(async move {
             let mut all = Vec::new();
             let mut batch = Vec::new();

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::batch_queue::{batch_queue, BatchQueue, Batches, Consumer, PushError};
+use super::batch_queue::{batch_queue, BatchQueue, Batches, Consumer, PushError, Weigh};
 use super::{Appended, Commit, NewMessage, StoreError, UserRecord};
 use crate::metrics::StoreOp;
 
@@ -22,6 +22,29 @@ pub enum WriteOp {
     Delivered { recipient: String, ids: Vec<i64>, reply: Reply<()> },
     UpsertUser(UserRecord, Reply<()>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// What the operations in a writer's queue may carry together, in bytes. The queue's length
+/// bounds how many operations wait; this bounds what they hold: 4,096 ordinary messages are a
+/// megabyte or two, 4,096 of the largest (64 KiB frames) would be a quarter of a gigabyte.
+pub const QUEUE_BYTES: usize = 64 << 20;
+
+impl Weigh for WriteOp {
+    fn weight(&self) -> usize {
+        // The operation's own slot is counted by the queue's length; this is what it points to.
+        match self {
+            WriteOp::Append(message, _) => {
+                message.message.len() + message.recipient.len() + message.msg_id.as_ref().map_or(0, |_| 64)
+            }
+            WriteOp::Delivered { recipient, ids, .. } => recipient.len() + ids.len() * 8,
+            WriteOp::UpsertUser(user, _) => {
+                user.user_id.len()
+                    + user.display_name.as_ref().map_or(0, String::len)
+                    + user.email.as_ref().map_or(0, String::len)
+            }
+            WriteOp::Shutdown(_) => 0,
+        }
+    }
 }
 
 /// What queueing an operation without waiting came to.
@@ -67,24 +90,26 @@ pub struct WriteQueue {
 }
 
 impl WriteQueue {
-    /// Starts `run` (the writer task) on a queue of `capacity` operations.
+    /// Starts `run` (the writer task) on a queue of `capacity` operations weighing at most
+    /// `QUEUE_BYTES`.
     pub fn spawn<F, Fut>(capacity: usize, run: F) -> WriteQueue
     where
         F: FnOnce(Batches<WriteOp>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let (writes, queue) = batch_queue(capacity, Consumer::Task);
+        let (writes, queue) = batch_queue(capacity, QUEUE_BYTES, Consumer::Task);
         let writer = tokio::spawn(run(queue));
         WriteQueue { writes, writer: Mutex::new(Some(writer)) }
     }
 
     /// Starts `run` (a blocking writer loop) on a thread of its own, on a queue of `capacity`
-    /// operations: for a database library whose calls block (rusqlite).
+    /// operations weighing at most `QUEUE_BYTES`: for a database library whose calls block
+    /// (rusqlite).
     pub fn spawn_thread<F>(name: &str, capacity: usize, run: F) -> std::io::Result<WriteQueue>
     where
         F: FnOnce(Batches<WriteOp>) + Send + 'static,
     {
-        let (writes, queue) = batch_queue(capacity, Consumer::Thread);
+        let (writes, queue) = batch_queue(capacity, QUEUE_BYTES, Consumer::Thread);
         std::thread::Builder::new().name(name.to_string()).spawn(move || run(queue))?;
         // The thread is not joined: `close` waits for its answer to `Shutdown` instead.
         Ok(WriteQueue { writes, writer: Mutex::new(None) })
