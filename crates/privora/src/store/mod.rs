@@ -7,6 +7,7 @@
 //! them in the order they were queued, so a session keeps its messages in order without waiting
 //! a commit per message.
 
+mod batch_inserts;
 pub mod batch_queue;
 pub mod checkpointer;
 pub mod msg_ids;

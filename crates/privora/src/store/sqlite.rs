@@ -32,6 +32,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::oneshot;
 
+use super::batch_inserts::{insert_delivered, MessageRows};
 use super::batch_queue::{Batches, Taken};
 use super::checkpointer::Checkpointer;
 use super::msg_ids::{fingerprint, RecentMsgIds, Remembered};
@@ -514,7 +515,13 @@ fn from_sqlx(error: sqlx::Error) -> StoreError {
 /// transaction (group commit), answers each operation once that is committed, and between
 /// batches folds the tail into the indexes.
 struct Writer {
+    /// The batch's new messages, inserted together. Declared before `conn`, so that its
+    /// statements are finalized before the connection closes.
+    new_rows: MessageRows,
     conn: rusqlite::Connection,
+    /// Tail messages confirmed in the batch being written, checked against `tail_recipients`
+    /// (`mark_delivered`), inserted into `delivered` together before it commits.
+    confirmed: Vec<i64>,
     /// Users known to exist (recipients are checked against the users table).
     known_users: HashSet<String>,
     /// The id the next message gets: the write lock is ours alone, so ids are assigned here.
@@ -617,7 +624,9 @@ impl Writer {
         conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
         conn.set_prepared_statement_cache_capacity(64);
         let mut writer = Writer {
+            new_rows: MessageRows::new(),
             conn,
+            confirmed: Vec::new(),
             known_users: HashSet::new(),
             // Both are read afresh at the start of every transaction.
             next_id: 1,
@@ -816,6 +825,7 @@ impl Writer {
                     let (msg_ids, tail) = (&mut self.msg_ids, &mut self.tail_recipients);
                     match append(
                         &tx,
+                        &mut self.new_rows,
                         &mut statements,
                         known_users,
                         msg_ids,
@@ -829,8 +839,15 @@ impl Writer {
                     }
                 }
                 WriteOp::Delivered { recipient, ids, reply } => {
-                    let tail = &self.tail_recipients;
-                    match mark_delivered(&mut statements, tail, self.indexed_upto, &recipient, &ids) {
+                    let (tail, confirmed) = (&self.tail_recipients, &mut self.confirmed);
+                    match mark_delivered(
+                        &mut statements,
+                        tail,
+                        self.indexed_upto,
+                        &recipient,
+                        &ids,
+                        confirmed,
+                    ) {
                         Ok(()) => Ok(Outcome::Unit(reply)),
                         Err(error) => Err((error, Outcome::Unit(reply))),
                     }
@@ -852,6 +869,14 @@ impl Writer {
             }
         }
         drop(statements);
+        if failure.is_none() {
+            failure = self.new_rows.flush(&tx, &timestamp).err();
+        }
+        if failure.is_none() {
+            failure = insert_delivered(&tx, &mut self.confirmed).err();
+        }
+        self.new_rows.discard();
+        self.confirmed.clear();
         // Dropping an uncommitted transaction rolls it back.
         match failure {
             Some(error) => Err((error, outcomes)),
@@ -1270,9 +1295,7 @@ fn owed(op: WriteOp) -> Option<Outcome> {
 /// The statements a batch runs once per message, prepared once per batch: taking a statement
 /// from rusqlite's cache and putting it back costs an allocation and a hash lookup each time.
 struct BatchStatements<'tx> {
-    insert_message: rusqlite::CachedStatement<'tx>,
     delivered_in_tail: rusqlite::CachedStatement<'tx>,
-    insert_delivered: rusqlite::CachedStatement<'tx>,
     delete_pending: rusqlite::CachedStatement<'tx>,
     insert_msg_id: rusqlite::CachedStatement<'tx>,
 }
@@ -1280,20 +1303,16 @@ struct BatchStatements<'tx> {
 impl<'tx> BatchStatements<'tx> {
     fn prepare(tx: &'tx rusqlite::Connection) -> rusqlite::Result<BatchStatements<'tx>> {
         Ok(BatchStatements {
-            insert_message: tx.prepare_cached(
-                "INSERT INTO messages (id, sender, sender_display_name, recipient, message, timestamp, client_msg_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?,
             // Still in the tail: the fold will not make it pending.
             delivered_in_tail: tx.prepare_cached(
                 "INSERT OR IGNORE INTO delivered (message_id)
                  SELECT id FROM messages WHERE id = ?1 AND recipient = ?2",
             )?,
-            // The same, the recipient checked by the writer (`TailRecipients`).
-            insert_delivered: tx.prepare_cached("INSERT OR IGNORE INTO delivered (message_id) VALUES (?1)")?,
-            delete_pending: tx.prepare_cached("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")?,
-            insert_msg_id: tx
-                .prepare_cached("INSERT INTO sent_msg_ids (message_id, fingerprint, created_at) VALUES (?1, ?2, ?3)")?,
+            delete_pending: tx
+                .prepare_cached("DELETE FROM pending WHERE recipient = ?1 AND message_id = ?2")?,
+            insert_msg_id: tx.prepare_cached(
+                "INSERT INTO sent_msg_ids (message_id, fingerprint, created_at) VALUES (?1, ?2, ?3)",
+            )?,
         })
     }
 }
@@ -1303,6 +1322,7 @@ impl<'tx> BatchStatements<'tx> {
 #[allow(clippy::too_many_arguments)]
 fn append(
     tx: &rusqlite::Connection,
+    new_rows: &mut MessageRows,
     statements: &mut BatchStatements,
     known_users: &mut HashSet<String>,
     msg_ids: &mut RecentMsgIds,
@@ -1316,6 +1336,8 @@ fn append(
         msg_id.as_deref().filter(|_| message.idempotent).map(|key| (key, fingerprint(&message.sender, key)));
     if let Some((key, print)) = key {
         if let Some(first_id) = msg_ids.get(print) {
+            // The first may be in this batch, not inserted yet.
+            new_rows.flush(tx, timestamp)?;
             let first = tx
                 .prepare_cached(
                     "SELECT id, sender, sender_display_name, recipient, message, timestamp, client_msg_id
@@ -1342,38 +1364,35 @@ fn append(
         return Ok(Err(StoreError::UnknownRecipient(message.recipient)));
     }
     let id = *next_id;
-    statements.insert_message.execute(rusqlite::params![
-        id,
-        message.sender,
-        message.sender_display_name,
-        message.recipient,
-        message.message,
-        timestamp,
-        msg_id
-    ])?;
-    if let Some((_, print)) = key {
+    if let Some(print) = key.map(|(_, print)| print) {
         let remembered = Remembered { message_id: id, fingerprint: print, created_at: unix_now() };
         statements.insert_msg_id.execute(rusqlite::params![id, print as i64, remembered.created_at])?;
         msg_ids.remember(remembered);
     }
     tail.push(id, &message.recipient);
+    new_rows.push(id, message, msg_id);
     *next_id += 1;
     Ok(Ok(Appended::New(Receipt { id, timestamp: timestamp.to_string() })))
 }
 
-/// `recipient` confirmed `ids`. A confirmation of someone else's message changes nothing.
+/// `recipient` confirmed `ids`. A confirmation of someone else's message changes nothing. The
+/// tail's messages known to be the recipient's go into `confirmed`, for `insert_delivered`.
 fn mark_delivered(
     statements: &mut BatchStatements,
     tail: &TailRecipients,
     indexed_upto: i64,
     recipient: &str,
     ids: &[i64],
+    confirmed: &mut Vec<i64>,
 ) -> rusqlite::Result<()> {
     let hashed = tail.hash(recipient);
     for &id in ids {
         if id > indexed_upto {
             match tail.sent_to(id, hashed) {
-                Some(true) => statements.insert_delivered.execute([id])?,
+                Some(true) => {
+                    confirmed.push(id);
+                    0
+                }
                 Some(false) => 0,
                 None => statements.delivered_in_tail.execute(rusqlite::params![id, recipient])?,
             };
