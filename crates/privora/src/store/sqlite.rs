@@ -519,6 +519,8 @@ struct Writer {
     /// statements are finalized before the connection closes.
     new_rows: MessageRows,
     conn: rusqlite::Connection,
+    /// The answers owed to the batch being written.
+    outcomes: Vec<Outcome>,
     /// Tail messages confirmed in the batch being written, checked against `tail_recipients`
     /// (`mark_delivered`), inserted into `delivered` together before it commits.
     confirmed: Vec<i64>,
@@ -627,6 +629,7 @@ impl Writer {
             new_rows: MessageRows::new(),
             conn,
             confirmed: Vec::new(),
+            outcomes: Vec::new(),
             known_users: HashSet::new(),
             // Both are read afresh at the start of every transaction.
             next_id: 1,
@@ -735,20 +738,20 @@ impl Writer {
     /// the batch held one (operations queued behind it are refused: their replies drop).
     fn write(&mut self, batch: &mut Vec<WriteOp>) -> Option<oneshot::Sender<()>> {
         let mut shutdown = None;
-        let mut work = Vec::with_capacity(batch.len());
-        for op in batch.drain(..) {
-            match op {
-                WriteOp::Shutdown(done) => shutdown = Some(done),
-                _ if shutdown.is_some() => {}
-                op => work.push(op),
+        if let Some(at) = batch.iter().position(|op| matches!(op, WriteOp::Shutdown(_))) {
+            if let Some(WriteOp::Shutdown(done)) = batch.drain(at..).next() {
+                shutdown = Some(done);
             }
         }
-        if work.is_empty() {
+        if batch.is_empty() {
             return shutdown;
         }
-        match self.write_batch(work) {
-            Ok(outcomes) => {
-                for outcome in outcomes {
+        // The batch and its answers in vectors kept from batch to batch: a batch's worth of
+        // operations is several kilobytes, past glibc's per-thread cache, on every batch.
+        let mut outcomes = std::mem::take(&mut self.outcomes);
+        match self.write_batch(batch, &mut outcomes) {
+            Ok(()) => {
+                for outcome in outcomes.drain(..) {
                     match outcome {
                         Outcome::Message(reply, result) => {
                             let _ = reply.send(result);
@@ -759,7 +762,7 @@ impl Writer {
                     }
                 }
             }
-            Err((error, replies)) => {
+            Err(error) => {
                 let error = from_rusqlite(error);
                 tracing::error!(%error, "a write batch failed; nothing in it was stored");
                 // Rolled back: the cache may name users whose insert was undone (the next batch
@@ -767,7 +770,7 @@ impl Writer {
                 self.known_users.clear();
                 self.msg_ids.forget_from(self.batch_from);
                 self.tail_recipients.forget();
-                for reply in replies {
+                for reply in outcomes.drain(..) {
                     match reply {
                         Outcome::Message(reply, _) => {
                             let _ = reply.send(Err(error.clone()));
@@ -779,26 +782,29 @@ impl Writer {
                 }
             }
         }
+        self.outcomes = outcomes;
         if self.known_users.len() > WRITER_CACHE {
             self.known_users.clear();
         }
         shutdown
     }
 
-    /// Runs every operation in one transaction. Per-operation refusals (an unknown recipient)
-    /// do not spoil the batch; a database failure fails every operation in it, and none is
-    /// committed (the error comes back with every reply owed).
+    /// Runs every operation of `work` (emptied) in one transaction, an outcome for each in
+    /// `outcomes`. Per-operation refusals (an unknown recipient) do not spoil the batch; a
+    /// database failure fails every operation in it, and none is committed (the error comes
+    /// back, and every outcome is owed it).
     ///
     /// A message is one insert at the end of `messages` (its rowid): no index is touched here.
-    #[allow(clippy::type_complexity)]
-    fn write_batch(&mut self, work: Vec<WriteOp>) -> Result<Vec<Outcome>, (rusqlite::Error, Vec<Outcome>)> {
-        let mut outcomes = Vec::with_capacity(work.len());
+    fn write_batch(&mut self, work: &mut Vec<WriteOp>, outcomes: &mut Vec<Outcome>) -> rusqlite::Result<()> {
         let timestamp = now_iso8601();
         // Until this batch has its first id, a failure has nothing of it to take back.
         self.batch_from = i64::MAX;
         let tx = match Tx::begin(&self.conn) {
             Ok(tx) => tx,
-            Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
+            Err(error) => {
+                outcomes.extend(work.drain(..).filter_map(owed));
+                return Err(error);
+            }
         };
         match progress(&tx) {
             Ok((next_id, indexed_upto)) => {
@@ -806,14 +812,20 @@ impl Writer {
                 self.batch_from = next_id;
                 self.tail_recipients.start_batch(next_id);
             }
-            Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
+            Err(error) => {
+                outcomes.extend(work.drain(..).filter_map(owed));
+                return Err(error);
+            }
         }
         let mut failure = None;
         let mut statements = match BatchStatements::prepare(&tx) {
             Ok(statements) => statements,
-            Err(error) => return Err((error, work.into_iter().filter_map(owed).collect())),
+            Err(error) => {
+                outcomes.extend(work.drain(..).filter_map(owed));
+                return Err(error);
+            }
         };
-        for op in work {
+        for op in work.drain(..) {
             // Once a statement failed, the rest only collect their replies (they fail too).
             if failure.is_some() {
                 outcomes.extend(owed(op));
@@ -879,11 +891,8 @@ impl Writer {
         self.confirmed.clear();
         // Dropping an uncommitted transaction rolls it back.
         match failure {
-            Some(error) => Err((error, outcomes)),
-            None => match tx.commit() {
-                Ok(()) => Ok(outcomes),
-                Err(error) => Err((error, outcomes)),
-            },
+            Some(error) => Err(error),
+            None => tx.commit(),
         }
     }
 
