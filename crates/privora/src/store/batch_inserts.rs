@@ -97,7 +97,8 @@ impl MessageRows {
     }
 
     /// Inserts every row pushed since the last flush, all with `timestamp`, and lets go of them
-    /// (also when the insert fails: the batch is then rolled back as a whole).
+    /// (also when the insert fails: the batch is then rolled back as a whole). `conn` is the
+    /// connection the statements are prepared on, every time: the writer's own.
     pub(super) fn flush(&mut self, conn: &rusqlite::Connection, timestamp: &str) -> rusqlite::Result<()> {
         let inserts = &mut self.inserts;
         let result =
