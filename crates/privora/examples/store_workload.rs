@@ -9,8 +9,12 @@
 //! peers make nearly every message a new conversation pair, while people mostly write to the
 //! same few.
 //!
-//! cargo run --release -p privora --example store_workload -- [USERS] [MESSAGES] [PEERS]
+//! With `STAGES` above 1 it also prints each of that many equal stretches of the run on its own,
+//! to show how the cost per message moves as the database grows.
+//!
+//! cargo run --release -p privora --example store_workload -- [USERS] [MESSAGES] [PEERS] [STAGES]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let users: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1000);
     let messages: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200_000);
     let peers: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(users as u64).max(1);
+    let stages: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1).max(1);
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SqliteStore::open(&dir.path().join("workload.db"), 2).await?);
     for u in 0..users {
@@ -40,10 +45,30 @@ async fn main() -> anyhow::Result<()> {
         store.upsert_user(record).await?;
     }
     let per_user = messages / users;
+    let done = Arc::new(AtomicU64::new(0));
+    let stage_size = (per_user * users) as u64 / stages;
     let (cpu, started) = (cpu_seconds(), Instant::now());
+    let reporter = (stages > 1).then(|| {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let (mut cpu, mut at, mut stage) = (cpu, Instant::now(), 1);
+            while stage <= stages {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                if done.load(Ordering::Relaxed) >= stage * stage_size {
+                    let (now_cpu, now) = (cpu_seconds(), Instant::now());
+                    println!(
+                        "stage {stage}: {:.0} msg/s, {:.1} µs CPU per message",
+                        stage_size as f64 / (now - at).as_secs_f64(),
+                        (now_cpu - cpu) * 1e6 / stage_size as f64
+                    );
+                    (cpu, at, stage) = (now_cpu, now, stage + 1);
+                }
+            }
+        })
+    });
     let tasks: Vec<_> = (0..users)
         .map(|u| {
-            let store = store.clone();
+            let (store, done) = (store.clone(), done.clone());
             tokio::spawn(async move {
                 let mut seed = (u as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 for i in 0..per_user {
@@ -63,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
                         })
                         .await?;
                     store.mark_delivered(&to, vec![stored.id]).await?;
+                    done.fetch_add(1, Ordering::Relaxed);
                 }
                 anyhow::Ok(())
             })
@@ -72,6 +98,9 @@ async fn main() -> anyhow::Result<()> {
         task.await??;
     }
     let (cpu, secs) = (cpu_seconds() - cpu, started.elapsed().as_secs_f64());
+    if let Some(reporter) = reporter {
+        reporter.await?;
+    }
     let total = (per_user * users) as f64;
     println!(
         "{users} users, {peers} peers each, {total} messages: {:.0} msg/s, {:.1} µs CPU per message",
