@@ -14,9 +14,9 @@
 //! a time.
 //!
 //! Reads go through a small pool of read-only sqlx connections, which WAL lets run beside the
-//! writer, each on its own thread, so nothing here blocks the async runtime. The two reads that
-//! return many messages (pending, latest) use as many read-only rusqlite connections of their
-//! own on blocking threads (`MessageLists`).
+//! writer, each on its own thread, so nothing here blocks the async runtime. The reads that
+//! return many rows (a user's pending and latest messages, and contacts) use as many read-only
+//! rusqlite connections of their own on blocking threads (`ListReads`).
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::path::{Path, PathBuf};
@@ -140,22 +140,25 @@ impl Default for IndexPolicy {
 pub struct SqliteStore {
     writes: WriteQueue,
     reads: SqlitePool,
-    lists: Arc<MessageLists>,
+    lists: Arc<ListReads>,
     checkpointer: Mutex<Option<Checkpointer>>,
 }
 
-/// Read-only rusqlite connections for the reads that return many messages (a login's pending
-/// and latest ones). Rows become `StoredMessage`s on a blocking thread, straight from the
-/// statement; through sqlx each row is first copied into a row value and handed over from the
-/// connection's thread, which made a 10,000-message catch-up read cost several times the query.
-struct MessageLists {
+/// Read-only rusqlite connections for the reads that return many rows (a login's pending and
+/// latest messages, and its contacts, read again at logout for the presence change). Rows
+/// become values on a blocking thread, straight from the statement; through sqlx each row is
+/// first copied into a row value and handed over from the connection's thread, with a wake-up
+/// of the reader each: a 10,000-message catch-up read cost several times the query, and a user
+/// with 845 contacts cost the server 7.3-9.4 ms of CPU to log in and out (4.0-5.8 this way,
+/// `scripts/perf/login-storm`).
+struct ListReads {
     path: PathBuf,
     /// At most `PRIVORA_DB_READERS` of these reads at a time (a login storm waits here).
     permits: tokio::sync::Semaphore,
     idle: Mutex<Vec<rusqlite::Connection>>,
 }
 
-impl MessageLists {
+impl ListReads {
     fn connect(&self) -> rusqlite::Result<rusqlite::Connection> {
         use rusqlite::OpenFlags;
         let conn = rusqlite::Connection::open_with_flags(
@@ -261,6 +264,35 @@ impl MessageLists {
         })
         .await
     }
+
+    /// Everyone `user` has written to or heard from, with their display names, sorted by name:
+    /// the partners in the contact chunks, in the folds not yet moved into them, and in the
+    /// unfolded tail.
+    async fn contacts(self: &Arc<Self>, user: &str) -> Result<Vec<Contact>, StoreError> {
+        let user = user.to_string();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT p.partner_id, u.display_name FROM (
+                     SELECT j.value AS partner_id FROM contact_chunks c, json_each(c.partners) j
+                     WHERE c.user_id = ?1
+                     UNION
+                     SELECT j.value FROM fold_rows r, json_each(r.partners) j
+                     WHERE r.user_id = ?1 AND r.fold IN (SELECT fold FROM recent_folds)
+                     UNION
+                     SELECT recipient FROM messages
+                     WHERE id > (SELECT indexed_upto FROM index_state) AND sender = ?1
+                     UNION
+                     SELECT sender FROM messages
+                     WHERE id > (SELECT indexed_upto FROM index_state) AND recipient = ?1
+                 ) p LEFT JOIN users u ON u.user_id = p.partner_id",
+            )?;
+            let rows = statement
+                .query_map([&user], |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(contacts_by_name(rows))
+        })
+        .await
+    }
 }
 
 /// A row of the columns of `MessageRow`, in order, as a message.
@@ -328,7 +360,7 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(from_sqlx)?;
-        let lists = Arc::new(MessageLists {
+        let lists = Arc::new(ListReads {
             path: path.to_path_buf(),
             permits: tokio::sync::Semaphore::new(readers as usize),
             idle: Mutex::new(Vec::new()),
@@ -366,25 +398,7 @@ impl Store for SqliteStore {
     }
 
     async fn contacts(&self, user: &str) -> Result<Vec<Contact>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT p.partner_id, u.display_name FROM (
-                 SELECT j.value AS partner_id FROM contact_chunks c, json_each(c.partners) j WHERE c.user_id = ?1
-                 UNION
-                 SELECT j.value FROM fold_rows r, json_each(r.partners) j
-                 WHERE r.user_id = ?1 AND r.fold IN (SELECT fold FROM recent_folds)
-                 UNION
-                 SELECT recipient FROM messages
-                 WHERE id > (SELECT indexed_upto FROM index_state) AND sender = ?1
-                 UNION
-                 SELECT sender FROM messages
-                 WHERE id > (SELECT indexed_upto FROM index_state) AND recipient = ?1
-             ) p LEFT JOIN users u ON u.user_id = p.partner_id",
-        )
-        .bind(user)
-        .fetch_all(&self.reads)
-        .await
-        .map_err(from_sqlx)?;
-        Ok(contacts_by_name(rows.iter().map(|row| (row.get(0), row.get(1)))))
+        self.lists.contacts(user).await
     }
 
     async fn upsert_user(&self, user: UserRecord) -> Result<(), StoreError> {
