@@ -10,6 +10,7 @@
 mod batch_inserts;
 pub mod batch_queue;
 pub mod checkpointer;
+mod known_pairs;
 pub mod msg_ids;
 pub mod postgres;
 pub mod sqlite;

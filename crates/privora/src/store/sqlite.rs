@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 use super::batch_inserts::{insert_delivered, MessageRows};
 use super::batch_queue::{Batches, Taken};
 use super::checkpointer::Checkpointer;
+use super::known_pairs::KnownPairs;
 use super::msg_ids::{fingerprint, RecentMsgIds, Remembered};
 use super::tail_recipients::TailRecipients;
 use super::writer::{Reply, WriteOp, WriteQueue, WRITER_CACHE};
@@ -585,40 +586,6 @@ struct Compaction {
     users: Vec<String>,
 }
 
-/// Most conversation pairs the writer remembers (about 10 MB at most); past that it forgets
-/// them all, and the next folds record again the pairs they meet.
-const KNOWN_PAIRS: usize = 1 << 19;
-
-/// The conversation pairs the writer knows are recorded in `contact_chunks`, so that a fold
-/// writes a user's chunk only for partners not recorded yet. Most messages go to someone the
-/// sender has written to before; without this, every fold wrote a row for every user it
-/// touched, and each row dirties a page of its own (a quarter of the WAL's pages under the
-/// throughput bench; with ten partners per user, a fifth of all the pages the store wrote).
-/// Users are numbered here to keep a pair to eight bytes. Only committed pairs are added, so
-/// forgetting is always safe: a pair recorded twice is listed once.
-#[derive(Default)]
-struct KnownPairs {
-    numbers: HashMap<String, u32>,
-    pairs: HashSet<(u32, u32)>,
-}
-
-impl KnownPairs {
-    fn number(&mut self, user: &str) -> u32 {
-        if let Some(&n) = self.numbers.get(user) {
-            return n;
-        }
-        let n = self.numbers.len() as u32;
-        self.numbers.insert(user.to_string(), n);
-        n
-    }
-
-    fn trim(&mut self) {
-        if self.pairs.len() > KNOWN_PAIRS || self.numbers.len() > WRITER_CACHE {
-            *self = KnownPairs::default();
-        }
-    }
-}
-
 /// What one operation of a batch came to, with the reply it is owed.
 enum Outcome {
     Message(Reply<Appended>, Result<Appended, StoreError>),
@@ -649,7 +616,7 @@ impl Writer {
             next_id: 1,
             indexed_upto: 0,
             contact_chunks: HashMap::new(),
-            known_pairs: KnownPairs::default(),
+            known_pairs: KnownPairs::new(),
             last_fold: Instant::now(),
             waiting: Waiting::default(),
             compaction: None,
@@ -938,7 +905,7 @@ impl Writer {
                         pairs
                             .iter()
                             .filter(|&&(_, partner)| {
-                                !self.known_pairs.pairs.contains(&(numbers[user], numbers[partner]))
+                                !self.known_pairs.contains(numbers[user], numbers[partner])
                             })
                             .map(|&(_, partner)| tail.users[partner].as_str()),
                     );
@@ -961,10 +928,10 @@ impl Writer {
         self.waiting.messages += top - self.indexed_upto;
         self.indexed_upto = top;
         self.tail_recipients.folded(top);
-        self.known_pairs
-            .pairs
-            .extend(tail.contacts.iter().map(|&(user, partner)| (numbers[user], numbers[partner])));
-        self.known_pairs.trim();
+        for &(user, partner) in &tail.contacts {
+            self.known_pairs.insert(numbers[user], numbers[partner]);
+        }
+        self.known_pairs.trim(WRITER_CACHE);
         Ok(())
     }
 
