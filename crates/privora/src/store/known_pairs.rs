@@ -7,7 +7,7 @@
 //! the store wrote). Only committed pairs are added, so forgetting is always safe: a pair
 //! recorded twice is listed once.
 
-use foldhash::{HashMap, HashMapExt};
+use foldhash::HashMap;
 
 /// Most pairs remembered (four bytes each: 8 to 16 MB with the lists' spare room); past that
 /// all are forgotten, and the next folds record again the pairs they meet. A thousand users who
@@ -29,10 +29,6 @@ pub struct KnownPairs {
 }
 
 impl KnownPairs {
-    pub fn new() -> KnownPairs {
-        KnownPairs { numbers: HashMap::new(), partners: Vec::new(), len: 0 }
-    }
-
     /// The user's number, given on first sight.
     pub fn number(&mut self, user: &str) -> u32 {
         if let Some(&n) = self.numbers.get(user) {
@@ -60,7 +56,7 @@ impl KnownPairs {
     /// Forgets everything once more than `KNOWN_PAIRS` pairs or `max_users` users are known.
     pub fn trim(&mut self, max_users: usize) {
         if self.len > KNOWN_PAIRS || self.numbers.len() > max_users {
-            *self = KnownPairs::new();
+            *self = KnownPairs::default();
         }
     }
 
@@ -76,7 +72,7 @@ mod tests {
 
     #[test]
     fn pairs_are_known_one_way_once_inserted() {
-        let mut known = KnownPairs::new();
+        let mut known = KnownPairs::default();
         let (a, b, c) = (known.number("a"), known.number("b"), known.number("c"));
         assert_eq!(known.number("b"), b);
         known.insert(a, c);
@@ -89,7 +85,7 @@ mod tests {
 
     #[test]
     fn past_the_bound_everything_is_forgotten() {
-        let mut known = KnownPairs::new();
+        let mut known = KnownPairs::default();
         let users: Vec<u32> = (0..4).map(|u| known.number(&format!("u{u}"))).collect();
         known.insert(users[0], users[1]);
         known.trim(4);

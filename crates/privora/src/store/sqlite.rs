@@ -616,7 +616,7 @@ impl Writer {
             next_id: 1,
             indexed_upto: 0,
             contact_chunks: HashMap::new(),
-            known_pairs: KnownPairs::new(),
+            known_pairs: KnownPairs::default(),
             last_fold: Instant::now(),
             waiting: Waiting::default(),
             compaction: None,
